@@ -1,0 +1,37 @@
+//! `cargo xtask test`: everything CI checks, in the order that fails fastest:
+//! formatting, lints, then unit and integration tests (the integration tests
+//! build pods from network namespaces and load eBPF programs, so they need
+//! root), then a check that nothing of ours was left on the machine.
+
+use anyhow::bail;
+
+use crate::{build, cargo, run_cmd, setup, step};
+
+pub fn run() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "cargo xtask test needs root: the integration tests create network namespaces, veths and cgroups \
+             and attach eBPF programs. Run it as root (CI does); it never skips those tests."
+        );
+    }
+    setup::run(setup::Mode::Report)?;
+    build::all()?;
+
+    step("cargo fmt --check");
+    run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
+
+    step("cargo clippy (host crates, all targets)");
+    run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+
+    step("unit and integration tests");
+    run_cmd(cargo().args(["test", "--", "--color", "always"]))?;
+
+    step("checking that nothing of ours was left behind");
+    let leftovers = wisp_testbed::leftovers::find(None);
+    if !leftovers.is_empty() {
+        bail!("the tests left these behind:\n  {}", leftovers.join("\n  "));
+    }
+    println!("clean: no wisp network namespaces, interfaces, cgroups or BPF programs remain");
+    println!("\nall checks passed");
+    Ok(())
+}
