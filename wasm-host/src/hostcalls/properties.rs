@@ -1,0 +1,105 @@
+//! `proxy_get_property`.
+//!
+//! A path arrives as segments separated by NUL (the Rust SDK turns
+//! `["source", "address"]` into `source\0address`); we look it up by the
+//! segments joined with `.`. Known: `plugin_name`, `plugin_root_id`,
+//! `plugin_vm_id`, plus whatever the embedder put in
+//! [`HttpStream::properties`](crate::HttpStream::properties) for the stream
+//! of the effective context. Anything else is NOT_FOUND.
+
+use wasmtime::Caller;
+
+use super::HostResult;
+use crate::abi::Status;
+use crate::memory;
+use crate::state::HostState;
+
+/// `proxy_get_property(path, path_size, return_value, return_size)`.
+pub(super) fn get(
+    caller: &mut Caller<'_, HostState>,
+    path_ptr: i32,
+    path_len: i32,
+    ptr_ptr: i32,
+    size_ptr: i32,
+) -> HostResult {
+    let raw_path = memory::read(caller, path_ptr, path_len)?;
+    let path = String::from_utf8_lossy(&raw_path).replace('\0', ".");
+    let value = lookup(caller.data(), &path).ok_or(Status::NotFound)?;
+    memory::copy_out(caller, &value, ptr_ptr, size_ptr)?;
+    Ok(())
+}
+
+fn lookup(state: &HostState, path: &str) -> Option<Vec<u8>> {
+    let config = state.plugin.config();
+    let plugin_value = match path {
+        "plugin_name" => Some(&config.name),
+        "plugin_root_id" => Some(&config.root_id),
+        "plugin_vm_id" => Some(&config.vm_id),
+        _ => None,
+    };
+    if let Some(value) = plugin_value {
+        return Some(value.as_bytes().to_vec());
+    }
+    state.stream()?.properties.get(path).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::abi::{AbiVersion, Status};
+    use crate::plugin::PluginConfig;
+    use crate::stream::HttpStream;
+    use crate::test_guest::{Guest, OUT_OF_BOUNDS};
+
+    fn get(guest: &mut Guest, path: &[u8]) -> (i32, Option<Vec<u8>>) {
+        let (ptr, len) = guest.put(path);
+        let out = guest.slots();
+        let status = guest.env("proxy_get_property", &[ptr, len, out.0, out.1]);
+        (status, guest.returned(out))
+    }
+
+    #[test]
+    fn plugin_and_stream_properties() {
+        let mut guest = Guest::with(
+            AbiVersion::V0_2_1,
+            PluginConfig {
+                name: "props".into(),
+                root_id: "root".into(),
+                vm_id: "vm".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            get(&mut guest, b"plugin_name"),
+            (0, Some(b"props".to_vec()))
+        );
+        assert_eq!(
+            get(&mut guest, b"plugin_root_id"),
+            (0, Some(b"root".to_vec()))
+        );
+        assert_eq!(get(&mut guest, b"plugin_vm_id"), (0, Some(b"vm".to_vec())));
+        // No stream yet: stream properties are unknown.
+        assert_eq!(
+            get(&mut guest, b"source\0address"),
+            (Status::NotFound as i32, None)
+        );
+
+        let mut stream = HttpStream::default();
+        stream
+            .properties
+            .insert("source.address".into(), b"10.0.0.1:1234".to_vec());
+        guest.lend(stream);
+        assert_eq!(
+            get(&mut guest, b"source\0address"),
+            (0, Some(b"10.0.0.1:1234".to_vec()))
+        );
+        assert_eq!(
+            get(&mut guest, b"source\0port"),
+            (Status::NotFound as i32, None)
+        );
+        assert_eq!(get(&mut guest, b""), (Status::NotFound as i32, None));
+
+        let out = guest.slots();
+        let status = guest.env("proxy_get_property", &[OUT_OF_BOUNDS, 4, out.0, out.1]);
+        assert_eq!(status, Status::InvalidMemoryAccess as i32);
+    }
+}

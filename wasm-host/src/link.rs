@@ -1,0 +1,134 @@
+//! Builds the [`Linker`] for one plugin module: our `env` hostcalls, WASI under
+//! both module names, and "not implemented" stubs for whatever else the module
+//! imports from those modules.
+//!
+//! Stubs keep modules loadable that import functions they may never call (an
+//! SDK-built plugin imports most of the ABI). A stub logs a warning the first
+//! time it is called and returns `UNIMPLEMENTED` (12) for `env` or errno
+//! `NOTSUP` (58) for WASI. Imports from any other module fail linking.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use wasmtime::{Engine, ExternType, IntoFunc, Linker, Module, Val, ValType};
+
+use crate::abi::{AbiVersion, Status};
+use crate::state::HostState;
+use crate::{hostcalls, wasi};
+
+/// A [`Linker`] that remembers which functions it defines, so the leftovers
+/// of a module's import list can be stubbed.
+pub(crate) struct Imports {
+    linker: Linker<HostState>,
+    defined: HashSet<(&'static str, &'static str)>,
+}
+
+impl Imports {
+    pub(crate) fn func<Params, Results>(
+        &mut self,
+        module: &'static str,
+        name: &'static str,
+        func: impl IntoFunc<HostState, Params, Results>,
+    ) -> wasmtime::Result<()> {
+        self.linker.func_wrap(module, name, func)?;
+        self.defined.insert((module, name));
+        Ok(())
+    }
+
+    fn is_defined(&self, module: &str, name: &str) -> bool {
+        self.defined.contains(&(module, name))
+    }
+}
+
+/// The linker for `module`, which declared `abi`.
+pub(crate) fn linker(
+    engine: &Engine,
+    module: &Module,
+    abi: AbiVersion,
+    plugin: &str,
+) -> wasmtime::Result<Linker<HostState>> {
+    let mut imports = Imports {
+        linker: Linker::new(engine),
+        defined: HashSet::new(),
+    };
+    hostcalls::add_to_linker(&mut imports, abi)?;
+    for wasi_module in wasi::MODULES {
+        wasi::add_to_linker(&mut imports, wasi_module)?;
+    }
+
+    for import in module.imports() {
+        let ExternType::Func(ty) = import.ty() else {
+            continue;
+        };
+        let (module_name, name) = (import.module(), import.name());
+        let (unimplemented, label) = if module_name == hostcalls::MODULE {
+            (Status::Unimplemented.code(), "UNIMPLEMENTED")
+        } else if wasi::MODULES.contains(&module_name) {
+            (wasi::ERRNO_NOTSUP, "errno NOTSUP")
+        } else {
+            continue;
+        };
+        if imports.is_defined(module_name, name) {
+            continue;
+        }
+        tracing::debug!(
+            plugin,
+            "{module_name}.{name} is not implemented; linking a stub"
+        );
+        let warned = AtomicBool::new(false);
+        let what = format!("{module_name}.{name}");
+        let plugin = plugin.to_owned();
+        let result_types: Vec<ValType> = ty.results().collect();
+        imports
+            .linker
+            .func_new(module_name, name, ty, move |_caller, _params, results| {
+                if !warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        plugin,
+                        "plugin called {what}, which wisp does not implement yet; returning {label} ({unimplemented})"
+                    );
+                }
+                for (slot, ty) in results.iter_mut().zip(&result_types) {
+                    *slot = match ty {
+                        ValType::I32 => Val::I32(unimplemented),
+                        other => Val::default_for_ty(other).unwrap_or(Val::I32(0)),
+                    };
+                }
+                Ok(())
+            })?;
+    }
+    Ok(imports.linker)
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmtime::Val;
+
+    use crate::abi::Status;
+    use crate::test_guest::Guest;
+
+    #[test]
+    fn unknown_env_imports_return_unimplemented() {
+        let mut guest = Guest::new();
+        let status = guest.env("proxy_http_call", &[0; 11]);
+        assert_eq!(status, Status::Unimplemented as i32);
+        // Again: still answered (the warning is only logged once).
+        assert_eq!(
+            guest.env("proxy_http_call", &[0; 11]),
+            Status::Unimplemented as i32
+        );
+        // A stub without results just returns.
+        assert_eq!(
+            guest
+                .try_call("env", "emscripten_notify_memory_growth", &[Val::I32(0)])
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn unknown_wasi_imports_return_notsup() {
+        let mut guest = Guest::new();
+        assert_eq!(guest.wasi("fd_close", &[3]), super::wasi::ERRNO_NOTSUP);
+    }
+}

@@ -1,0 +1,66 @@
+//! Per-request data the embedder owns and lends to a plugin during a callback.
+
+use std::collections::HashMap;
+
+use crate::headers::HeaderMap;
+
+/// A reply a plugin asked for with `proxy_send_local_response`.
+///
+/// The host only records it on the [`HttpStream`]; the embedder decides how to
+/// send it (Envoy sends it instead of, or in place of, the upstream response).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u16,
+    /// Envoy's "response code details"; empty when the plugin gave none.
+    pub details: String,
+    pub body: Vec<u8>,
+    /// Extra response headers, names lower-case, in the plugin's order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// gRPC status for gRPC replies; `-1` means "not a gRPC reply".
+    pub grpc_status: i32,
+}
+
+/// The HTTP state of one request, as the plugins of a filter chain see it.
+///
+/// The embedder owns it; the host moves it into the plugin's store for the
+/// duration of a callback and hands it back afterwards, so the plugin reads and
+/// writes these maps directly.
+#[derive(Clone, Debug, Default)]
+pub struct HttpStream {
+    /// Request headers, including the pseudo-headers `:method`, `:path`,
+    /// `:authority` and `:scheme` as Envoy presents them.
+    pub request_headers: HeaderMap,
+    /// Response headers, including `:status`.
+    pub response_headers: HeaderMap,
+    /// Set when a plugin calls `proxy_send_local_response`.
+    pub local_response: Option<LocalResponse>,
+    /// Properties for `proxy_get_property`, keyed by the path segments joined
+    /// with `.`, e.g. `"source.address"`. Values are passed as they are.
+    pub properties: HashMap<String, Vec<u8>>,
+}
+
+/// What a header callback told the host to do with the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Go on to the next filter.
+    Continue,
+    /// Stop iterating (cpp-host turns this into StopAllIterationAndWatermark);
+    /// also returned whenever the plugin sent a local response.
+    Pause,
+}
+
+/// What a plugin asked for with `proxy_continue_stream` / `proxy_close_stream`
+/// (recorded only; acting on it needs paused streams, the next issue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamRequest {
+    /// The context that asked (the effective context at the time).
+    pub context_id: u32,
+    pub stream: crate::abi::StreamType,
+    pub kind: StreamRequestKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamRequestKind {
+    Continue,
+    Close,
+}
