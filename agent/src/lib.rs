@@ -1,0 +1,17 @@
+//! The wisp node agent: accepts the TCP connections that wisp's eBPF programs
+//! steer to it, runs each HTTP request through a Proxy-Wasm filter chain, and
+//! forwards it to where it was originally going.
+//!
+//! Modules, in the order a connection meets them: [`config`] (the YAML file),
+//! [`app`] (start-up and shutdown), [`ebpf`] (kernel programs, enrollment,
+//! original destinations), [`worker`] (threads and listeners),
+//! [`http_proxy`] (one connection's requests), [`filter_chain`] (the plugins),
+//! [`metrics`] and [`admin`].
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod ebpf;
+pub mod filter_chain;
+pub mod http_proxy;
+pub mod metrics;
+pub mod worker;
