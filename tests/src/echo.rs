@@ -1,0 +1,70 @@
+//! The echo server run in test pods (`wisp-echo`): answers every request with
+//! a JSON description of what it received — its own name, the peer address
+//! it saw, method, path and headers — so a test can tell whether a request
+//! came straight from a pod or through the agent, and what the filters did.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+/// Serves until the process is signalled.
+pub async fn serve(listen: SocketAddr, name: String) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let name = name.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| respond(req, peer, name.clone()));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    name: String,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into(),
+            )
+        })
+        .collect();
+    let reply = serde_json::json!({
+        "server": name,
+        "peer": peer.ip().to_string(),
+        "method": parts.method.as_str(),
+        "path": parts.uri.to_string(),
+        "headers": headers,
+        "body_bytes": body.len(),
+    });
+    let mut response = Response::new(Full::new(Bytes::from(format!("{reply}\n"))));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().insert(
+        "x-echo-server",
+        hyper::header::HeaderValue::from_str(&name)
+            .unwrap_or(hyper::header::HeaderValue::from_static("echo")),
+    );
+    Ok(response)
+}

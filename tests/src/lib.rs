@@ -1,0 +1,28 @@
+//! A simulated Kubernetes node on one Linux machine, for wisp's demo and its
+//! integration tests: each pod is a network namespace joined to a node bridge
+//! by a veth pair, with its own pod IP, and its processes in their own cgroup
+//! v2 directory — the shape kubelet and a bridge CNI give a real pod.
+//!
+//! Everything is real (iproute2, the kernel's namespaces and cgroups) and
+//! everything is removed again by guards when they drop, also when a test
+//! fails. Only processes this crate started are ever signalled, by pid.
+//!
+//! * [`agent`]: the real `wisp` binary started with a config, stopped by pid
+//! * [`node`]: [`node::SimNode`] and [`node::Pod`]
+//! * [`process`]: [`process::ChildGuard`], a child process ended on drop
+//! * [`cmd`]: running iproute2 and friends with errors that name the command
+//! * [`leftovers`]: what of ours is still on the machine
+//! * [`artifacts`]: where the built `wisp` binary and test filters are
+//! * [`http`]: a small HTTP client run inside a pod (curl) and its parsed reply
+//! * [`echo`]: the echo server behind the `wisp-echo` binary
+pub mod agent;
+pub mod artifacts;
+pub mod cmd;
+pub mod echo;
+pub mod http;
+pub mod leftovers;
+pub mod node;
+pub mod process;
+
+/// Prefix of every namespace, interface and cgroup this crate creates.
+pub const PREFIX: &str = "wisp";
