@@ -12,6 +12,11 @@ pub enum Error {
     #[error("plugin {plugin}: cannot create the wasm engine: {reason}")]
     Engine { plugin: String, reason: String },
 
+    /// The module could not be loaded from its [`ModuleSource`](crate::ModuleSource)
+    /// (unreadable file, SHA-256 mismatch).
+    #[error("plugin {plugin}: cannot load the module: {reason}")]
+    Source { plugin: String, reason: String },
+
     /// The bytes are not a valid WebAssembly module (binary or text).
     #[error("plugin {plugin}: invalid wasm module: {reason}")]
     Compile { plugin: String, reason: String },
@@ -73,8 +78,9 @@ pub enum Error {
     #[error("plugin {plugin}: proxy_on_configure returned false (plugin configuration rejected)")]
     ConfigureFailed { plugin: String },
 
-    /// The embedder used a context id this instance does not know as an HTTP context.
-    #[error("plugin {plugin}: no HTTP context with id {context_id}")]
+    /// The embedder used a context id (or callout token) this instance does
+    /// not know for that kind of call.
+    #[error("plugin {plugin}: no such context or callout: {context_id}")]
     UnknownContext { plugin: String, context_id: u32 },
 
     /// The instance failed earlier (trap or `proc_exit`) and cannot be used
@@ -88,6 +94,7 @@ impl Error {
     pub fn plugin(&self) -> &str {
         match self {
             Error::Engine { plugin, .. }
+            | Error::Source { plugin, .. }
             | Error::Compile { plugin, .. }
             | Error::UnknownAbiVersion { plugin }
             | Error::MissingExport { plugin, .. }

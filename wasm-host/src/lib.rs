@@ -28,73 +28,95 @@
 //! * [`abi`] — ABI versions, status codes and enums.
 //! * [`pairs`] — the map ("header pairs") wire format.
 //! * [`headers`] — [`HeaderMap`].
-//! * `stream` — per-request data: [`HttpStream`], [`LocalResponse`], [`Action`].
-//! * `plugin` — [`PluginConfig`], compiling a [`Plugin`]; one process-wide engine.
-//! * `instance` — [`PluginInstance`]: store, contexts, host → guest callbacks.
+//! * `stream` — what the embedder lends a plugin: [`HttpStream`] (headers,
+//!   bodies, trailers, properties), [`TcpConnection`], [`LocalResponse`], [`Action`].
+//! * `embedder` — what the embedder plugs in: [`Embedder`] with [`Callouts`]
+//!   (http_call / gRPC to named upstreams), [`MetricsSink`], foreign
+//!   functions and a [`QueueWaker`].
+//! * `plugin` — [`PluginConfig`] (policies, limits, capabilities, censoring,
+//!   isolation mode), compiling a [`Plugin`] (compile cache), canaries.
+//! * `source` — [`ModuleSource`]: file, bytes or fetched code with SHA-256.
+//! * `limits` — [`ResourceLimits`]; `engine` — the engines and the epoch ticker.
+//! * `instance` — [`PluginInstance`]: store, contexts, every host → guest callback.
+//! * `supervisor` — [`Supervisor`]: FAIL_CLOSED / FAIL_OPEN / FAIL_RELOAD per worker.
+//! * [`shared`] — process-wide shared data (CAS, size cap) and shared queues.
+//! * [`metrics`] — process-wide plugin metrics.
 //! * `state` — what the store holds, i.e. what hostcalls can see.
 //! * `memory` — bounds-checked guest memory and the guest allocator.
-//! * `link` — the per-module linker, including stubs for unimplemented imports.
+//! * `link` — the per-module linker: stubs for unknown imports, capability restriction.
 //! * `hostcalls` — the `env.proxy_*` functions, one file per area.
 //! * `wasi` — the WASI preview 1 subset.
+//! * `wasmedge` (feature `wasmedge`) — load-time checks on WasmEdge; type-checked only.
 //! * `error` — [`Error`].
 //!
 //! # Implemented
 //!
-//! Hostcalls: `proxy_log`, `proxy_get_log_level` (0.2.1), `proxy_set_effective_context`,
-//! `proxy_done`, `proxy_get_current_time_nanoseconds`, `proxy_set_tick_period_milliseconds`
-//! (recorded), `proxy_get_buffer_bytes` / `proxy_get_buffer_status` (VM and plugin
-//! configuration), `proxy_get_header_map_{pairs,size,value}`,
-//! `proxy_{set_header_map_pairs,add_header_map_value,replace_header_map_value,remove_header_map_value}`
-//! (request and response headers), `proxy_get_property` (`plugin_name`, `plugin_root_id`,
-//! `plugin_vm_id`, embedder-supplied stream properties), `proxy_send_local_response`,
-//! `proxy_continue_stream` / `proxy_close_stream` (0.2.x, recorded).
+//! Every `env` hostcall of ABI 0.1.0, 0.2.0 and 0.2.1 (version-specific ones
+//! linked per detected marker, as cpp-host's `registerCallbacks`), plus
+//! cpp-host's `emscripten_notify_memory_growth` and `pthread_equal`; every
+//! callback (context lifecycle, VM start / configure, tick, HTTP headers /
+//! body / trailers, TCP connection / data / close, http-call response, gRPC
+//! receive / close, queue ready, foreign function, root shutdown with
+//! `proxy_done`). WASI (`wasi_snapshot_preview1` and `wasi_unstable`):
+//! `fd_write` (stdout/stderr → plugin log), `clock_time_get`, `random_get`,
+//! `environ_*` (the plugin's own environment), `args_*` (empty), `proc_exit`,
+//! `sched_yield`; any other WASI function returns `NOTSUP` (58), and an `env`
+//! name outside every ABI version returns `UNIMPLEMENTED` (12).
 //!
-//! WASI (`wasi_snapshot_preview1` and `wasi_unstable`): `fd_write` (stdout/stderr →
-//! plugin log), `clock_time_get`, `random_get`, `environ_sizes_get`, `environ_get`,
-//! `args_sizes_get`, `args_get`, `proc_exit`, `sched_yield`.
+//! Safety: linear memory cap (`StoreLimits`), a wall-clock deadline per
+//! callback (epoch interruption), optional fuel, a capability allow-list,
+//! sensitive-header censoring, cpp-host's hostcall restrictions inside the
+//! allocator and during `_initialize`; no host panic on guest input.
 //!
-//! # Next issue
+//! # Not yet
 //!
-//! Any other `env` function a module imports is linked as a stub that warns once
-//! and returns `UNIMPLEMENTED` (12); any other WASI function returns errno `NOTSUP`
-//! (58). Still to do:
-//!
-//! * hostcalls: `proxy_set_property`, `proxy_set_buffer_bytes`, `proxy_get_status`,
-//!   `proxy_http_call`, the gRPC calls, shared data and shared queues, metrics,
-//!   `proxy_call_foreign_function`; the 0.1.0-only `proxy_get_configuration`,
-//!   `proxy_continue_request` / `proxy_continue_response`, `proxy_clear_route_cache`;
-//!   cpp-host's extra `emscripten_notify_memory_growth` and `pthread_equal`;
-//! * body, trailer, TCP, tick, http-call, gRPC and queue callbacks; resuming
-//!   paused streams; root-context shutdown (`proxy_on_done` on the root,
-//!   pending `proxy_done`);
-//! * read-only request headers in `proxy_on_log`; other header maps (trailers,
-//!   http-call and gRPC metadata);
-//! * limits: memory (`StoreLimits`), per-call CPU deadlines (epochs), the
-//!   restricted hostcalls inside the allocator and `_initialize`, capability
-//!   restriction;
-//! * failure policies beyond reporting (the embedder applies FAIL_CLOSED /
-//!   FAIL_OPEN today), FAIL_RELOAD with backoff, metrics;
-//! * the rest of cpp-host's WASI set (for Go `wasip1` plugins).
+//! * the engine is not behind a trait: the `wasmedge` feature only loads and
+//!   checks modules on WasmEdge (type-checked only, no libwasmedge here);
+//! * the pooling allocator (per-request instances use `InstancePre`, ~40 µs);
+//! * the rest of cpp-host's WASI set (for Go `wasip1` plugins);
+//! * shared data is never dropped when the last instance of a vm_id goes.
 
 pub mod abi;
+mod embedder;
+mod engine;
 mod error;
 pub mod headers;
 mod hostcalls;
 mod instance;
+mod limits;
 mod link;
 mod memory;
+pub mod metrics;
 pub mod pairs;
 mod plugin;
+pub mod shared;
+mod source;
 mod state;
 mod stream;
+mod supervisor;
 #[cfg(test)]
 mod test_guest;
 mod wasi;
+#[cfg(feature = "wasmedge")]
+pub mod wasmedge;
 
 pub use abi::AbiVersion;
+pub use embedder::{
+    CalloutError, Callouts, Embedder, ForeignFunction, GrpcCallRequest, HttpCallRequest,
+    HttpCallResponse, MetricKind, MetricsSink, QueueWaker,
+};
+pub use engine::EPOCH_TICK;
 pub use error::Error;
 pub use headers::HeaderMap;
 pub use instance::PluginInstance;
-pub use plugin::{FailurePolicy, Plugin, PluginConfig};
-pub use stream::{Action, HttpStream, LocalResponse, StreamRequest, StreamRequestKind};
+pub use limits::ResourceLimits;
+pub use plugin::{
+    FailurePolicy, IsolationMode, Plugin, PluginConfig, PluginCounters, SENSITIVE_HEADERS,
+    sha256_hex,
+};
+pub use source::ModuleSource;
+pub use stream::{
+    Action, HttpStream, LocalResponse, PeerType, StreamRequest, StreamRequestKind, TcpConnection,
+};
+pub use supervisor::{FailureAction, ReloadConfig, Supervisor};
 pub use wasi::RANDOM_GET_MAX_BYTES;

@@ -2,17 +2,25 @@
 //! both module names, and "not implemented" stubs for whatever else the module
 //! imports from those modules.
 //!
-//! Stubs keep modules loadable that import functions they may never call (an
-//! SDK-built plugin imports most of the ABI). A stub logs a warning the first
+//! Stubs keep modules loadable that import functions they may never call
+//! (e.g. vNEXT or Envoy-specific names). A stub logs a warning the first
 //! time it is called and returns `UNIMPLEMENTED` (12) for `env` or errno
 //! `NOTSUP` (58) for WASI. Imports from any other module fail linking.
+//!
+//! Capability restriction (Envoy's `capability_restriction_config`): with an
+//! allow-list, every imported `proxy_*` or WASI function not on it is
+//! replaced by a stub that logs "Attempted call to restricted capability",
+//! counts the call and returns INTERNAL_FAILURE (10) or errno 76
+//! (ENOTCAPABLE), as cpp-host does.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use wasmtime::{Engine, ExternType, IntoFunc, Linker, Module, Val, ValType};
 
 use crate::abi::{AbiVersion, Status};
+use crate::plugin::{PluginConfig, PluginCounters};
 use crate::state::HostState;
 use crate::{hostcalls, wasi};
 
@@ -45,8 +53,10 @@ pub(crate) fn linker(
     engine: &Engine,
     module: &Module,
     abi: AbiVersion,
-    plugin: &str,
+    config: &PluginConfig,
+    counters: &Arc<PluginCounters>,
 ) -> wasmtime::Result<Linker<HostState>> {
+    let plugin = config.name.as_str();
     let mut imports = Imports {
         linker: Linker::new(engine),
         defined: HashSet::new(),
@@ -97,7 +107,64 @@ pub(crate) fn linker(
                 Ok(())
             })?;
     }
+    restrict(&mut imports.linker, module, config, counters)?;
     Ok(imports.linker)
+}
+
+/// cpp-host's errno for a WASI call outside the allow-list.
+pub(crate) const ERRNO_NOTCAPABLE: i32 = 76;
+
+/// Shadows every import outside the capability allow-list with a stub.
+fn restrict(
+    linker: &mut Linker<HostState>,
+    module: &Module,
+    config: &PluginConfig,
+    counters: &Arc<PluginCounters>,
+) -> wasmtime::Result<()> {
+    if config.allowed_capabilities.is_none() {
+        return Ok(());
+    }
+    linker.allow_shadowing(true);
+    for import in module.imports() {
+        let ExternType::Func(ty) = import.ty() else {
+            continue;
+        };
+        let (module_name, name) = (import.module(), import.name());
+        let is_wasi = wasi::MODULES.contains(&module_name);
+        let is_proxy = module_name == hostcalls::MODULE && name.starts_with("proxy_");
+        if !(is_wasi || is_proxy) || config.allows_capability(name) {
+            continue;
+        }
+        let code = if is_wasi {
+            ERRNO_NOTCAPABLE
+        } else {
+            Status::InternalFailure.code()
+        };
+        let counters = Arc::clone(counters);
+        let what = format!("{module_name}.{name}");
+        let result_types: Vec<ValType> = ty.results().collect();
+        linker.func_new(module_name, name, ty, move |caller, _params, results| {
+            let counter = if is_wasi {
+                &counters.restricted_wasi_calls
+            } else {
+                &counters.restricted_hostcalls
+            };
+            PluginCounters::bump(counter);
+            tracing::warn!(
+                plugin = caller.data().plugin_name(),
+                "Attempted call to restricted capability {what}; returning {code}"
+            );
+            for (slot, ty) in results.iter_mut().zip(&result_types) {
+                *slot = match ty {
+                    ValType::I32 => Val::I32(code),
+                    other => Val::default_for_ty(other).unwrap_or(Val::I32(0)),
+                };
+            }
+            Ok(())
+        })?;
+    }
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -110,11 +177,11 @@ mod tests {
     #[test]
     fn unknown_env_imports_return_unimplemented() {
         let mut guest = Guest::new();
-        let status = guest.env("proxy_http_call", &[0; 11]);
+        let status = guest.env("proxy_on_vnext_thing", &[0]);
         assert_eq!(status, Status::Unimplemented as i32);
         // Again: still answered (the warning is only logged once).
         assert_eq!(
-            guest.env("proxy_http_call", &[0; 11]),
+            guest.env("proxy_on_vnext_thing", &[0]),
             Status::Unimplemented as i32
         );
         // A stub without results just returns.

@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use wasmtime::{AsContext, AsContextMut};
 
-use crate::state::HostState;
+use crate::state::{HostState, Restriction};
 
 /// Why a guest-memory operation failed.
 #[derive(Debug)]
@@ -124,7 +124,14 @@ pub(crate) fn allocate(
         .clone()
         .ok_or(GuestError::AllocationFailed)?;
     let size = i32::try_from(len).map_err(|_| GuestError::AllocationFailed)?;
-    let ptr = allocator.call(&mut store, size).map_err(GuestError::Trap)?;
+    // cpp-host allows only logging and clocks inside the allocator.
+    let saved = std::mem::replace(
+        &mut store.data_mut().call.restriction,
+        Restriction::Allocator,
+    );
+    let result = allocator.call(&mut store, size);
+    store.data_mut().call.restriction = saved;
+    let ptr = result.map_err(GuestError::Trap)?;
     if ptr == 0 {
         return Err(GuestError::AllocationFailed);
     }

@@ -6,21 +6,29 @@
 //! guest — ABI marker, memory and allocator exports, import linking — is
 //! checked here, so a bad module is rejected at configuration time.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use serde::{Deserialize, Serialize};
-use wasmtime::{Engine, ExternType, InstancePre, Module, ValType};
+use sha2::{Digest, Sha256};
+use wasmtime::{ExternType, InstancePre, Module, ValType};
 
 use crate::abi::AbiVersion;
+use crate::embedder::Embedder;
+use crate::engine;
 use crate::error::Error;
 use crate::instance::PluginInstance;
+use crate::limits::ResourceLimits;
 use crate::link;
 use crate::state::HostState;
+use crate::supervisor::ReloadConfig;
 
 /// What happens to a request when its plugin fails (Envoy's `failure_policy`).
 ///
-/// The host only reports failures; the embedder applies the policy.
+/// The host reports failures; the embedder applies the policy, e.g. with a
+/// [`Supervisor`](crate::Supervisor).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum FailurePolicy {
@@ -29,7 +37,45 @@ pub enum FailurePolicy {
     FailClosed,
     /// Skip the plugin and let the request through.
     FailOpen,
+    /// Answer with a 503 and re-create the instance, with jittered exponential
+    /// backoff and a crash-loop limit ([`ReloadConfig`]). Envoy: FAIL_RELOAD.
+    FailReload,
 }
+
+impl FailurePolicy {
+    /// Whether a failed instance is re-created (FAIL_RELOAD).
+    pub fn reloads(self) -> bool {
+        self == FailurePolicy::FailReload
+    }
+
+    /// Whether requests are answered with a 503 while the plugin is unusable
+    /// (everything but FAIL_OPEN).
+    pub fn rejects(self) -> bool {
+        self != FailurePolicy::FailOpen
+    }
+}
+
+/// How instances of a plugin are shared (the spec's VM isolation modes).
+/// The embedder creates instances accordingly; the host makes each cheap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationMode {
+    /// One instance per worker thread, shared by every plugin with the same
+    /// VM key (Envoy's default; what the agent does today).
+    #[default]
+    PerWorker,
+    /// One instance per worker per plugin (per `PluginConfig`).
+    PerPlugin,
+    /// One instance per configured use of the plugin (e.g. per listener/route).
+    PerUse,
+    /// A fresh instance for every request (strongest isolation; instantiation
+    /// is cheap thanks to `InstancePre` and the compile cache).
+    PerRequest,
+}
+
+/// Headers plugins do not see unless [`PluginConfig::allowed_sensitive_headers`]
+/// lists them.
+pub const SENSITIVE_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
 
 /// How to load and run one plugin (Envoy's `PluginConfig` + `VmConfig`).
 #[derive(Clone, Debug, Default)]
@@ -47,6 +93,73 @@ pub struct PluginConfig {
     /// What WASI `environ_get` shows the plugin (never the host's environment).
     pub environment: Vec<(String, String)>,
     pub failure_policy: FailurePolicy,
+    /// Backoff and crash-loop limit for FAIL_RELOAD (see [`FailurePolicy`]).
+    pub reload: ReloadConfig,
+    /// Memory, time and fuel limits of each instance, and the shared-data cap.
+    pub limits: ResourceLimits,
+    /// Envoy's `capability_restriction_config`: when set, only these `env`
+    /// and WASI function names work; any other `proxy_*` call returns
+    /// INTERNAL_FAILURE and any other WASI call errno 76 (ENOTCAPABLE), both
+    /// counted in [`PluginCounters`].
+    pub allowed_capabilities: Option<BTreeSet<String>>,
+    /// Which of [`SENSITIVE_HEADERS`] this plugin may see and change
+    /// (lower-case names). Empty: none.
+    pub allowed_sensitive_headers: Vec<String>,
+    pub isolation: IsolationMode,
+}
+
+impl PluginConfig {
+    /// Whether header `name` is hidden from this plugin.
+    pub fn is_censored(&self, name: &str) -> bool {
+        SENSITIVE_HEADERS
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(name))
+            && !self
+                .allowed_sensitive_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case(name))
+    }
+
+    /// Whether the capability allow-list lets the plugin call `name`.
+    pub fn allows_capability(&self, name: &str) -> bool {
+        self.allowed_capabilities
+            .as_ref()
+            .is_none_or(|allowed| allowed.contains(name))
+    }
+}
+
+/// Failure and restriction counters of a plugin, shared by all its instances
+/// on all workers; the embedder exports them as metrics.
+#[derive(Debug, Default)]
+pub struct PluginCounters {
+    /// Instances created (including reloads and canaries).
+    pub instances_created: AtomicU64,
+    /// Callbacks that trapped, ran past their deadline or called `proc_exit`.
+    pub runtime_failures: AtomicU64,
+    /// Of those, deadline (epoch) interruptions.
+    pub deadline_exceeded: AtomicU64,
+    /// Calls to `env` functions outside the capability allow-list.
+    pub restricted_hostcalls: AtomicU64,
+    /// Calls to WASI functions outside the capability allow-list.
+    pub restricted_wasi_calls: AtomicU64,
+    /// FAIL_RELOAD: instances re-created successfully / unsuccessfully.
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+    /// FAIL_RELOAD: requests failed because the backoff had not elapsed.
+    pub reload_backoffs: AtomicU64,
+    /// FAIL_RELOAD: times the crash-loop limit stopped reloading.
+    pub crash_loop_stops: AtomicU64,
+}
+
+impl PluginCounters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads one counter.
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
 }
 
 /// A compiled, linked plugin module plus its configuration.
@@ -58,24 +171,78 @@ pub struct Plugin {
 struct Inner {
     config: PluginConfig,
     abi: AbiVersion,
-    module: Module,
+    module: Arc<Module>,
     /// Imports resolved and type-checked once; instantiation is then cheap.
     pre: InstancePre<HostState>,
+    counters: Arc<PluginCounters>,
+    code_sha256: [u8; 32],
+}
+
+/// Compiled modules by code hash, so plugins sharing code compile once.
+/// Weak: a module no plugin uses any more is freed.
+///
+/// cpp-host keys its base VMs by `vm_key` = (vm_id, VM configuration, code)
+/// because its base VM is an *instance*; compiled code depends only on the
+/// bytes (and on fuel metering), so the wider key shares more and is still
+/// exact. Instance sharing per VM key is the embedder's [`IsolationMode`].
+type CompileCache = Mutex<HashMap<CodeKey, Weak<Module>>>;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct CodeKey {
+    code_sha256: [u8; 32],
+    /// Fuel metering changes the generated code (another engine).
+    fuel: bool,
+}
+
+fn compile_cache() -> &'static CompileCache {
+    static CACHE: std::sync::OnceLock<CompileCache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Plugin {
     /// Compiles `wasm` (binary, or text with the `wat` feature of wasmtime) and
     /// checks that it is a Proxy-Wasm module this host can run.
+    ///
+    /// Compiled modules are cached by code SHA-256: a second plugin with the
+    /// same code (any vm_id or configuration) reuses the compiled code.
     pub fn compile(config: PluginConfig, wasm: &[u8]) -> Result<Plugin, Error> {
         let plugin = || config.name.clone();
-        let engine = engine().map_err(|reason| Error::Engine {
+        let fuel = config.limits.fuel.is_some();
+        let engine = engine::get(fuel).map_err(|reason| Error::Engine {
             plugin: plugin(),
             reason: reason.to_owned(),
         })?;
-        let module = Module::new(engine, wasm).map_err(|e| Error::Compile {
-            plugin: plugin(),
-            reason: format!("{e:#}"),
-        })?;
+        let code_sha256: [u8; 32] = Sha256::digest(wasm).into();
+        let key = CodeKey { code_sha256, fuel };
+        let cached = compile_cache()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .and_then(Weak::upgrade);
+        let module = match cached {
+            Some(module) => module,
+            None => {
+                let module = Arc::new(Module::new(engine, wasm).map_err(|e| Error::Compile {
+                    plugin: plugin(),
+                    reason: format!("{e:#}"),
+                })?);
+                let mut cache = compile_cache()
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                cache.retain(|_, weak| weak.strong_count() > 0);
+                cache.insert(key, Arc::downgrade(&module));
+                module
+            }
+        };
 
         let function_exports = module
             .exports()
@@ -84,22 +251,54 @@ impl Plugin {
         let abi = AbiVersion::from_function_exports(function_exports)
             .ok_or_else(|| Error::UnknownAbiVersion { plugin: plugin() })?;
         check_required_exports(&module, &config.name)?;
-        Self::link(config, module, abi)
+        Self::link(config, module, abi, code_sha256)
+    }
+
+    /// Loads the module from `source` (checking its SHA-256 when one is
+    /// given, and always for fetched code) and compiles it.
+    pub fn from_source(
+        config: PluginConfig,
+        source: &crate::ModuleSource,
+    ) -> Result<Plugin, Error> {
+        let wasm = source.load(&config.name)?;
+        Self::compile(config, &wasm)
     }
 
     /// The same module under another configuration, without compiling it
-    /// again (the way Envoy shares one compiled VM between plugins).
+    /// again (the way Envoy shares one compiled VM between plugins). A
+    /// configuration that needs other compiled code (fuel on/off) compiles anew.
     pub fn with_config(&self, config: PluginConfig) -> Result<Plugin, Error> {
-        Self::link(config, self.inner.module.clone(), self.inner.abi)
+        let fuel = config.limits.fuel.is_some();
+        if fuel != self.inner.config.limits.fuel.is_some() {
+            // Fuel metering is compiled into the code (another engine).
+            return Err(Error::Compile {
+                plugin: config.name.clone(),
+                reason:
+                    "switching fuel metering on or off needs the module bytes: use Plugin::compile"
+                        .into(),
+            });
+        }
+        Self::link(
+            config,
+            Arc::clone(&self.inner.module),
+            self.inner.abi,
+            self.inner.code_sha256,
+        )
     }
 
-    fn link(config: PluginConfig, module: Module, abi: AbiVersion) -> Result<Plugin, Error> {
+    fn link(
+        config: PluginConfig,
+        module: Arc<Module>,
+        abi: AbiVersion,
+        code_sha256: [u8; 32],
+    ) -> Result<Plugin, Error> {
         let link_error = |e: wasmtime::Error| Error::Link {
             plugin: config.name.clone(),
             reason: format!("{e:#}"),
         };
+        let counters = Arc::<PluginCounters>::default();
         let linker =
-            link::linker(module.engine(), &module, abi, &config.name).map_err(link_error)?;
+            link::linker(module.engine(), &module, abi, &config, &counters).map_err(link_error)?;
         let pre = linker.instantiate_pre(&module).map_err(link_error)?;
         tracing::debug!(plugin = %config.name, %abi, "plugin linked");
         Ok(Plugin {
@@ -108,8 +307,30 @@ impl Plugin {
                 abi,
                 module,
                 pre,
+                counters,
+                code_sha256,
             }),
         })
+    }
+
+    /// Validates the configuration by starting a throw-away instance
+    /// (`_initialize`, `proxy_on_vm_start`, `proxy_on_configure`), as Envoy's
+    /// canary does before it accepts a new plugin configuration. Call it on
+    /// the new `Plugin` before swapping it in for the old one.
+    pub fn canary(&self) -> Result<(), Error> {
+        let instance = self.instantiate()?;
+        drop(instance);
+        Ok(())
+    }
+
+    /// Failure and restriction counters, shared by every instance.
+    pub fn counters(&self) -> &PluginCounters {
+        &self.inner.counters
+    }
+
+    /// Lowercase hex SHA-256 of the module bytes.
+    pub fn code_sha256(&self) -> String {
+        hex(&self.inner.code_sha256)
     }
 
     pub fn config(&self) -> &PluginConfig {
@@ -132,7 +353,13 @@ impl Plugin {
     /// Creates a new VM instance: runs `_initialize` (or `_start`), creates the
     /// root context and calls `proxy_on_vm_start` and `proxy_on_configure`.
     pub fn instantiate(&self) -> Result<PluginInstance, Error> {
-        PluginInstance::new(self.clone())
+        PluginInstance::new(self.clone(), Embedder::default())
+    }
+
+    /// Like [`Plugin::instantiate`], with the embedder's callouts, metrics
+    /// sink, foreign functions and queue waker.
+    pub fn instantiate_with(&self, embedder: Embedder) -> Result<PluginInstance, Error> {
+        PluginInstance::new(self.clone(), embedder)
     }
 
     pub(crate) fn instance_pre(&self) -> &InstancePre<HostState> {
@@ -187,19 +414,6 @@ fn check_required_exports(module: &Module, plugin: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// The one process-wide engine: compiled code is only valid with the engine
-/// (and its settings) that produced it, and sharing it shares the code cache.
-fn engine() -> Result<&'static Engine, &'static str> {
-    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let config = wasmtime::Config::new();
-            Engine::new(&config).map_err(|e| format!("{e:#}"))
-        })
-        .as_ref()
-        .map_err(String::as_str)
-}
-
 #[cfg(test)]
 mod tests {
     use serde::Deserialize;
@@ -217,8 +431,32 @@ mod tests {
     fn failure_policy_uses_envoy_names_and_defaults_to_fail_closed() {
         assert_eq!(parse("FAIL_CLOSED").unwrap(), FailurePolicy::FailClosed);
         assert_eq!(parse("FAIL_OPEN").unwrap(), FailurePolicy::FailOpen);
-        assert!(parse("FAIL_RELOAD").is_err(), "not supported yet");
+        assert_eq!(parse("FAIL_RELOAD").unwrap(), FailurePolicy::FailReload);
         assert!(parse("fail_open").is_err());
         assert_eq!(FailurePolicy::default(), FailurePolicy::FailClosed);
+    }
+
+    #[test]
+    fn censoring_and_capabilities() {
+        let mut config = super::PluginConfig::default();
+        assert!(config.is_censored("Authorization"));
+        assert!(config.is_censored("cookie"));
+        assert!(!config.is_censored("x-user"));
+        config.allowed_sensitive_headers = vec!["cookie".into()];
+        assert!(!config.is_censored("Cookie"));
+        assert!(config.is_censored("authorization"));
+
+        assert!(config.allows_capability("proxy_http_call"));
+        config.allowed_capabilities = Some(["proxy_log".to_owned()].into());
+        assert!(config.allows_capability("proxy_log"));
+        assert!(!config.allows_capability("proxy_http_call"));
+    }
+
+    #[test]
+    fn sha256_is_lowercase_hex() {
+        assert_eq!(
+            super::sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

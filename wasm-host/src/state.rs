@@ -1,23 +1,29 @@
 //! [`HostState`]: what a plugin instance's `Store` holds, i.e. everything a
 //! hostcall can see.
 //!
-//! The store owns no borrowed data: the embedder's [`HttpStream`] is moved in
-//! for the duration of one callback ([`CallScope`]) and moved back out after it.
+//! The store owns no borrowed data: the embedder's [`HttpStream`] (or
+//! [`TcpConnection`]) is moved in for the duration of one callback
+//! ([`CallScope`]) and moved back out after it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::{Memory, TypedFunc};
+use wasmtime::{Memory, StoreLimits, TypedFunc};
 
 use crate::abi::AbiVersion;
+use crate::embedder::{Embedder, HttpCallResponse};
+use crate::headers::HeaderMap;
 use crate::plugin::Plugin;
-use crate::stream::{HttpStream, StreamRequest};
+use crate::shared::QueueOwner;
+use crate::stream::{HttpStream, StreamRequest, TcpConnection};
 
 /// The kind of a context the guest knows about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ContextKind {
     Root,
     Http,
+    Tcp,
 }
 
 /// Which configuration buffer the running callback may read.
@@ -29,6 +35,51 @@ pub(crate) enum ConfigPhase {
     Configure,
 }
 
+/// Hostcalls the guest may make right now (cpp-host `startVm` / `allocMemory`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Restriction {
+    #[default]
+    None,
+    /// `_initialize` / `_start` / `main`: logging and WASI only.
+    Start,
+    /// Inside the guest allocator: `proxy_log`, `fd_write`, `clock_time_get`
+    /// and `poll_oneoff` only; anything else traps (cpp-host fails the VM).
+    Allocator,
+}
+
+impl Restriction {
+    /// Whether `name` (an `env` or WASI function name) may run now.
+    pub(crate) fn allows(self, name: &str) -> bool {
+        match self {
+            Restriction::None => true,
+            Restriction::Allocator => matches!(
+                name,
+                "proxy_log" | "fd_write" | "clock_time_get" | "poll_oneoff"
+            ),
+            Restriction::Start => !name.starts_with("proxy_") || name == "proxy_log",
+        }
+    }
+}
+
+/// What kind of callout a token names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CalloutKind {
+    Http,
+    GrpcCall,
+    GrpcStream,
+}
+
+impl CalloutKind {
+    /// cpp-host keeps the kind in the low 2 bits of the token.
+    pub(crate) fn bits(self) -> u32 {
+        match self {
+            CalloutKind::Http => 0,
+            CalloutKind::GrpcCall => 1,
+            CalloutKind::GrpcStream => 2,
+        }
+    }
+}
+
 /// State of the callback that is running right now.
 #[derive(Debug, Default)]
 pub(crate) struct CallScope {
@@ -37,10 +88,23 @@ pub(crate) struct CallScope {
     pub effective_context_id: u32,
     /// The embedder's stream, lent for this call, and the context it belongs to.
     pub stream: Option<(u32, HttpStream)>,
+    /// The embedder's TCP connection, lent for this call.
+    pub tcp: Option<(u32, TcpConnection)>,
     pub phase: ConfigPhase,
     /// Set by `proxy_send_local_response`: the header callback's own result is
     /// then ignored and the stream stops (cpp-host's `stopNextIteration`).
     pub local_response_sent: bool,
+    /// `proxy_on_http_call_response`: maps 6/7 and buffer 4 (read-only).
+    pub http_call_response: Option<HttpCallResponse>,
+    /// gRPC callbacks: maps 4/5 and buffer 5 (read-only).
+    pub grpc_initial_metadata: Option<HeaderMap>,
+    pub grpc_trailing_metadata: Option<HeaderMap>,
+    pub grpc_message: Option<Vec<u8>>,
+    /// `proxy_on_foreign_function`: buffer 8.
+    pub foreign_arguments: Option<Vec<u8>>,
+    /// What `proxy_get_status` reports: (code, message).
+    pub status: Option<(u32, Vec<u8>)>,
+    pub restriction: Restriction,
 }
 
 pub(crate) struct HostState {
@@ -52,14 +116,29 @@ pub(crate) struct HostState {
     pub contexts: BTreeMap<u32, ContextKind>,
     pub root_context_id: u32,
     pub call: CallScope,
-    /// `proxy_set_tick_period_milliseconds` (recorded; ticks are not delivered yet).
+    /// `proxy_set_tick_period_milliseconds`; the embedder calls `on_tick`.
     pub tick_period: Option<Duration>,
     /// `proxy_continue_stream` / `proxy_close_stream` calls, until the embedder takes them.
     pub stream_requests: Vec<StreamRequest>,
+    pub embedder: Embedder,
+    /// Shared queues this instance registered wake it through this.
+    pub queue_owner: Arc<QueueOwner>,
+    /// Linear memory (and table) limits of this store.
+    pub limits: StoreLimits,
+    /// Callouts in flight, by token: kind and the context that started it.
+    pub callouts: HashMap<u32, (CalloutKind, u32)>,
+    pub last_callout_index: u32,
+    /// Properties set with `proxy_set_property` outside a stream.
+    pub properties: HashMap<String, Vec<u8>>,
+    /// Root contexts whose `proxy_on_done` returned false: waiting for `proxy_done`.
+    pub pending_done: Vec<u32>,
+    /// Root contexts that called `proxy_done` while pending.
+    pub done: Vec<u32>,
 }
 
 impl HostState {
-    pub fn new(plugin: Plugin) -> Self {
+    pub fn new(plugin: Plugin, embedder: Embedder, limits: StoreLimits) -> Self {
+        let waker = embedder.queue_waker.clone();
         HostState {
             plugin,
             memory: None,
@@ -69,6 +148,14 @@ impl HostState {
             call: CallScope::default(),
             tick_period: None,
             stream_requests: Vec::new(),
+            embedder,
+            queue_owner: QueueOwner::new(waker),
+            limits,
+            callouts: HashMap::new(),
+            last_callout_index: 0,
+            properties: HashMap::new(),
+            pending_done: Vec::new(),
+            done: Vec::new(),
         }
     }
 
@@ -93,5 +180,22 @@ impl HostState {
             Some((id, stream)) if *id == self.call.effective_context_id => Some(stream),
             _ => None,
         }
+    }
+
+    /// The lent TCP connection, if it belongs to the effective context.
+    pub fn tcp_mut(&mut self) -> Option<&mut TcpConnection> {
+        match &mut self.call.tcp {
+            Some((id, conn)) if *id == self.call.effective_context_id => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// A fresh callout token of `kind` (index << 2 | kind, never 0 for HTTP).
+    pub fn new_callout(&mut self, kind: CalloutKind) -> u32 {
+        self.last_callout_index = self.last_callout_index.wrapping_add(1).max(1) & (u32::MAX >> 2);
+        let token = (self.last_callout_index << 2) | kind.bits();
+        self.callouts
+            .insert(token, (kind, self.call.effective_context_id));
+        token
     }
 }

@@ -36,7 +36,40 @@ pub struct HttpStream {
     pub local_response: Option<LocalResponse>,
     /// Properties for `proxy_get_property`, keyed by the path segments joined
     /// with `.`, e.g. `"source.address"`. Values are passed as they are.
+    /// `proxy_set_property` during a stream callback writes here too.
     pub properties: HashMap<String, Vec<u8>>,
+    /// The buffered request body (HTTP_REQUEST_BODY). The embedder appends
+    /// each chunk before `on_request_body`; after `Action::Continue` it sends
+    /// what is here and clears it, after `Action::Pause` it keeps buffering
+    /// (Envoy's StopIterationAndBuffer).
+    pub request_body: Vec<u8>,
+    /// The buffered response body (HTTP_RESPONSE_BODY), handled like `request_body`.
+    pub response_body: Vec<u8>,
+    /// Request trailers (HTTP_REQUEST_TRAILERS).
+    pub request_trailers: HeaderMap,
+    /// Response trailers (HTTP_RESPONSE_TRAILERS).
+    pub response_trailers: HeaderMap,
+}
+
+/// The state of one TCP connection through a network filter: the data
+/// buffers of `proxy_on_downstream_data` / `proxy_on_upstream_data`.
+#[derive(Clone, Debug, Default)]
+pub struct TcpConnection {
+    /// Bytes from the client not yet forwarded (DOWNSTREAM_DATA).
+    pub downstream_data: Vec<u8>,
+    /// Bytes from the server not yet forwarded (UPSTREAM_DATA).
+    pub upstream_data: Vec<u8>,
+    /// Properties for `proxy_get_property` (`source.address`, `connection.id`, ...).
+    pub properties: HashMap<String, Vec<u8>>,
+}
+
+/// Which side closed a connection (`proxy_peer_type_t`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum PeerType {
+    Unknown = 0,
+    Local = 1,
+    Remote = 2,
 }
 
 /// What a header callback told the host to do with the stream.
@@ -50,7 +83,12 @@ pub enum Action {
 }
 
 /// What a plugin asked for with `proxy_continue_stream` / `proxy_close_stream`
-/// (recorded only; acting on it needs paused streams, the next issue).
+/// (and the 0.1.0 `proxy_continue_request` / `proxy_continue_response`).
+///
+/// The host records them; the embedder takes them with
+/// [`PluginInstance::take_stream_requests`](crate::PluginInstance::take_stream_requests)
+/// after every call into the instance and resumes (or resets) the paused
+/// stream of `context_id`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StreamRequest {
     /// The context that asked (the effective context at the time).

@@ -48,9 +48,34 @@ const IMPORTS: &[Import] = &[
     Import("env", "proxy_send_local_response", "iiiiiiii", true),
     Import("env", "proxy_continue_stream", "i", true),
     Import("env", "proxy_close_stream", "i", true),
-    // Not implemented: linked as stubs.
-    Import("env", "proxy_http_call", "iiiiiiiiiii", true),
+    Import("env", "proxy_set_buffer_bytes", "iiiii", true),
+    Import("env", "proxy_set_property", "iiii", true),
+    Import("env", "proxy_get_status", "iii", true),
+    Import("env", "proxy_http_call", "iiiiiiiiii", true),
+    Import("env", "proxy_grpc_call", "iiiiiiiiiiii", true),
+    Import("env", "proxy_grpc_stream", "iiiiiiiii", true),
+    Import("env", "proxy_grpc_send", "iiii", true),
+    Import("env", "proxy_grpc_cancel", "i", true),
+    Import("env", "proxy_grpc_close", "i", true),
+    Import("env", "proxy_set_shared_data", "iiiii", true),
+    Import("env", "proxy_get_shared_data", "iiiii", true),
+    Import("env", "proxy_register_shared_queue", "iii", true),
+    Import("env", "proxy_resolve_shared_queue", "iiiii", true),
+    Import("env", "proxy_enqueue_shared_queue", "iii", true),
+    Import("env", "proxy_dequeue_shared_queue", "iii", true),
+    Import("env", "proxy_define_metric", "iiii", true),
+    Import("env", "proxy_increment_metric", "iI", true),
+    Import("env", "proxy_record_metric", "iI", true),
+    Import("env", "proxy_get_metric", "ii", true),
+    Import("env", "proxy_call_foreign_function", "iiiiii", true),
+    Import("env", "pthread_equal", "ii", true),
+    Import("env", "proxy_get_configuration", "ii", true),
+    Import("env", "proxy_continue_request", "", true),
+    Import("env", "proxy_continue_response", "", true),
+    Import("env", "proxy_clear_route_cache", "", true),
     Import("env", "emscripten_notify_memory_growth", "i", false),
+    // Not part of any ABI version: linked as a stub.
+    Import("env", "proxy_on_vnext_thing", "i", true),
     Import("wasi_snapshot_preview1", "fd_write", "iiii", true),
     Import("wasi_snapshot_preview1", "clock_time_get", "iIi", true),
     Import("wasi_snapshot_preview1", "random_get", "ii", true),
@@ -136,6 +161,10 @@ impl Guest {
     }
 
     pub fn with(abi: AbiVersion, config: PluginConfig) -> Self {
+        Self::with_embedder(abi, config, crate::Embedder::default())
+    }
+
+    pub fn with_embedder(abi: AbiVersion, config: PluginConfig, embedder: crate::Embedder) -> Self {
         // Compiling is the slow part in debug builds: once per ABI version.
         static COMPILED: OnceLock<Mutex<HashMap<AbiVersion, Plugin>>> = OnceLock::new();
         let compiled = {
@@ -150,7 +179,11 @@ impl Guest {
                 })
                 .clone()
         };
-        let instance = compiled.with_config(config).unwrap().instantiate().unwrap();
+        let instance = compiled
+            .with_config(config)
+            .unwrap()
+            .instantiate_with(embedder)
+            .unwrap();
         Guest {
             instance,
             cursor: SCRATCH,

@@ -24,7 +24,7 @@ use rand::RngCore;
 use wasmtime::Caller;
 
 use crate::abi::LogLevel;
-use crate::hostcalls::logging;
+use crate::hostcalls::{check_restriction, logging};
 use crate::link::Imports;
 use crate::memory::{self, GuestError};
 use crate::state::HostState;
@@ -95,27 +95,33 @@ pub(crate) fn add_to_linker(imports: &mut Imports, module: &'static str) -> wasm
     imports.func(
         module,
         "random_get",
-        |mut c: Caller<'_, HostState>, buf: i32, len: i32| errno(random_get(&mut c, buf, len)),
+        |mut c: Caller<'_, HostState>, buf: i32, len: i32| -> wasmtime::Result<i32> {
+            check_restriction(&c, "random_get")?;
+            Ok(errno(random_get(&mut c, buf, len)))
+        },
     )?;
     imports.func(
         module,
         "environ_sizes_get",
-        |mut c: Caller<'_, HostState>, count: i32, size: i32| {
-            errno(environ_sizes_get(&mut c, count, size))
+        |mut c: Caller<'_, HostState>, count: i32, size: i32| -> wasmtime::Result<i32> {
+            check_restriction(&c, "environ_sizes_get")?;
+            Ok(errno(environ_sizes_get(&mut c, count, size)))
         },
     )?;
     imports.func(
         module,
         "environ_get",
-        |mut c: Caller<'_, HostState>, environ: i32, buf: i32| {
-            errno(environ_get(&mut c, environ, buf))
+        |mut c: Caller<'_, HostState>, environ: i32, buf: i32| -> wasmtime::Result<i32> {
+            check_restriction(&c, "environ_get")?;
+            Ok(errno(environ_get(&mut c, environ, buf)))
         },
     )?;
     imports.func(
         module,
         "args_sizes_get",
-        |mut c: Caller<'_, HostState>, argc: i32, size: i32| {
-            errno(args_sizes_get(&mut c, argc, size))
+        |mut c: Caller<'_, HostState>, argc: i32, size: i32| -> wasmtime::Result<i32> {
+            check_restriction(&c, "args_sizes_get")?;
+            Ok(errno(args_sizes_get(&mut c, argc, size)))
         },
     )?;
     imports.func(
@@ -126,7 +132,8 @@ pub(crate) fn add_to_linker(imports: &mut Imports, module: &'static str) -> wasm
     imports.func(
         module,
         "proc_exit",
-        |_: Caller<'_, HostState>, code: i32| -> wasmtime::Result<()> {
+        |c: Caller<'_, HostState>, code: i32| -> wasmtime::Result<()> {
+            check_restriction(&c, "proc_exit")?;
             Err(wasmtime::Error::new(ProcExit(code)))
         },
     )?;

@@ -485,3 +485,25 @@ fn malloc_is_used_when_proxy_on_memory_allocate_is_absent() {
         Action::Continue
     );
 }
+
+#[test]
+fn root_shutdown_waits_for_proxy_done() {
+    // The root's on_done says "not yet"; the next tick calls proxy_done;
+    // on_delete then runs (it traps if called before proxy_done).
+    let wat = module(
+        "proxy_abi_version_0_2_1",
+        r#"(import "env" "proxy_done" (func $done (result i32)))
+        (global $finished (mut i32) (i32.const 0))
+        (func (export "proxy_on_done") (param i32) (result i32) (i32.const 0))
+        (func (export "proxy_on_tick") (param i32)
+            (if (i32.ne (call $done) (i32.const 0)) (then unreachable))
+            (global.set $finished (i32.const 1)))
+        (func (export "proxy_on_delete") (param i32)
+            (if (i32.eqz (global.get $finished)) (then unreachable)))"#,
+    );
+    let mut instance = start("shutdown", &wat).unwrap();
+    assert!(!instance.shutdown().unwrap(), "on_done returned false");
+    assert!(!instance.is_done().unwrap());
+    instance.on_tick().unwrap();
+    assert!(instance.is_done().unwrap(), "proxy_done finished the root");
+}

@@ -1,26 +1,59 @@
-//! `proxy_get_buffer_bytes`, `proxy_get_buffer_status`.
+//! `proxy_get_buffer_bytes`, `proxy_get_buffer_status`, `proxy_set_buffer_bytes`.
 //!
-//! Only the configuration buffers exist so far: VM_CONFIGURATION at any time
-//! (Envoy returns it unconditionally) and PLUGIN_CONFIGURATION during
-//! `proxy_on_configure` (Envoy's `temp_plugin_`). Every other buffer type is
-//! valid but not available: NOT_FOUND, as cpp-host returns for a missing buffer.
+//! Which buffer exists when (spec §Buffers, Envoy's `Context::getBuffer`):
+//! VM_CONFIGURATION always (Envoy returns it unconditionally);
+//! PLUGIN_CONFIGURATION during `proxy_on_configure`; the HTTP bodies while
+//! the effective context's stream is lent; DOWNSTREAM/UPSTREAM_DATA while
+//! its TCP connection is lent; HTTP_CALL_RESPONSE_BODY in
+//! `proxy_on_http_call_response`; GRPC_CALL_MESSAGE in `proxy_on_grpc_receive`;
+//! FOREIGN_FUNCTION_ARGUMENTS in `proxy_on_foreign_function`. Any other valid
+//! type is NOT_FOUND, as cpp-host returns for a missing buffer.
 
 use wasmtime::Caller;
 
 use super::HostResult;
 use crate::abi::{BufferType, Status};
 use crate::memory;
-use crate::plugin::Plugin;
 use crate::state::{ConfigPhase, HostState};
 
-fn buffer(plugin: &Plugin, phase: ConfigPhase, ty: BufferType) -> Option<&[u8]> {
+/// The readable contents of buffer `ty` right now.
+fn buffer(state: &HostState, ty: BufferType) -> Option<&[u8]> {
+    let config = state.plugin.config();
+    let call = &state.call;
+    let tcp = match &call.tcp {
+        Some((id, conn)) if *id == call.effective_context_id => Some(conn),
+        _ => None,
+    };
     match ty {
-        BufferType::VmConfiguration => Some(&plugin.config().vm_configuration),
-        BufferType::PluginConfiguration if phase == ConfigPhase::Configure => {
-            Some(&plugin.config().configuration)
+        BufferType::VmConfiguration => Some(&config.vm_configuration),
+        BufferType::PluginConfiguration if call.phase == ConfigPhase::Configure => {
+            Some(&config.configuration)
         }
+        BufferType::PluginConfiguration => None,
+        BufferType::HttpRequestBody => state.stream().map(|s| s.request_body.as_slice()),
+        BufferType::HttpResponseBody => state.stream().map(|s| s.response_body.as_slice()),
+        BufferType::DownstreamData => tcp.map(|c| c.downstream_data.as_slice()),
+        BufferType::UpstreamData => tcp.map(|c| c.upstream_data.as_slice()),
+        BufferType::HttpCallResponseBody => {
+            call.http_call_response.as_ref().map(|r| r.body.as_slice())
+        }
+        BufferType::GrpcCallMessage => call.grpc_message.as_deref(),
+        BufferType::ForeignFunctionArguments => call.foreign_arguments.as_deref(),
+    }
+}
+
+/// The buffers a plugin may change: bodies and TCP data.
+fn buffer_mut(state: &mut HostState, ty: BufferType) -> Result<&mut Vec<u8>, Status> {
+    match ty {
+        BufferType::HttpRequestBody => state.stream_mut().map(|s| &mut s.request_body),
+        BufferType::HttpResponseBody => state.stream_mut().map(|s| &mut s.response_body),
+        BufferType::DownstreamData => state.tcp_mut().map(|c| &mut c.downstream_data),
+        BufferType::UpstreamData => state.tcp_mut().map(|c| &mut c.upstream_data),
+        // Envoy's const buffers (configuration, callout answers): BAD_ARGUMENT.
+        _ if buffer(state, ty).is_some() => return Err(Status::BadArgument),
         _ => None,
     }
+    .ok_or(Status::NotFound)
 }
 
 /// `proxy_get_buffer_bytes(type, start, max_size, return_data, return_size)`.
@@ -37,8 +70,7 @@ pub(super) fn get_bytes(
     size_ptr: i32,
 ) -> HostResult {
     let ty = BufferType::try_from(ty).map_err(|_| Status::BadArgument)?;
-    let plugin = caller.data().plugin.clone();
-    let data = buffer(&plugin, caller.data().call.phase, ty).ok_or(Status::NotFound)?;
+    let data = buffer(caller.data(), ty).ok_or(Status::NotFound)?;
     let start = start as u32 as usize;
     let end = start
         .saturating_add(max_size as u32 as usize)
@@ -46,7 +78,8 @@ pub(super) fn get_bytes(
     if start >= end {
         return Ok(());
     }
-    memory::copy_out(caller, &data[start..end], ptr_ptr, size_ptr)?;
+    let bytes = data[start..end].to_vec();
+    memory::copy_out(caller, &bytes, ptr_ptr, size_ptr)?;
     Ok(())
 }
 
@@ -59,13 +92,43 @@ pub(super) fn get_status(
     flags_ptr: i32,
 ) -> HostResult {
     let ty = BufferType::try_from(ty).map_err(|_| Status::BadArgument)?;
-    let plugin = caller.data().plugin.clone();
-    let len = buffer(&plugin, caller.data().call.phase, ty)
-        .ok_or(Status::NotFound)?
-        .len();
+    let len = buffer(caller.data(), ty).ok_or(Status::NotFound)?.len();
     memory::write_u32(caller, size_ptr, u32::try_from(len).unwrap_or(u32::MAX))?;
     memory::write_u32(caller, flags_ptr, 0)?;
     Ok(())
+}
+
+/// `proxy_set_buffer_bytes(type, start, size, data, data_size)`.
+///
+/// Envoy's `Buffer::copyFrom`: `start == 0` drops the first `size` bytes and
+/// prepends the data (so 0/0 prepends and 0/len replaces everything);
+/// `start >= len` appends. For a range in the middle Envoy returns
+/// BAD_ARGUMENT, which the Rust SDK turns into a panic; we replace
+/// `[start, start + size)` instead, which is what the SDK documents.
+pub(super) fn set_bytes(
+    caller: &mut Caller<'_, HostState>,
+    ty: i32,
+    start: i32,
+    size: i32,
+    ptr: i32,
+    len: i32,
+) -> HostResult {
+    let ty = BufferType::try_from(ty).map_err(|_| Status::BadArgument)?;
+    let data = memory::read(caller, ptr, len)?;
+    let buffer = buffer_mut(caller.data_mut(), ty)?;
+    splice(buffer, start as u32 as usize, size as u32 as usize, &data);
+    Ok(())
+}
+
+/// Replaces `buffer[start..start + size]` (clamped) with `data`; appends when
+/// `start` is at or past the end.
+pub(crate) fn splice(buffer: &mut Vec<u8>, start: usize, size: usize, data: &[u8]) {
+    if start >= buffer.len() {
+        buffer.extend_from_slice(data);
+        return;
+    }
+    let end = start.saturating_add(size).min(buffer.len());
+    buffer.splice(start..end, data.iter().copied());
 }
 
 #[cfg(test)]
@@ -137,6 +200,13 @@ mod tests {
             get(&mut guest, REQUEST_BODY, 0, 10).0,
             Status::NotFound as i32
         );
+        for ty in [1, 2, 3, 4, 5, 8] {
+            assert_eq!(
+                get(&mut guest, ty, 0, 10).0,
+                Status::NotFound as i32,
+                "{ty}"
+            );
+        }
         let status = guest.env(
             "proxy_get_buffer_bytes",
             &[VM_CONFIGURATION, 0, 10, OUT_OF_BOUNDS, OUT_OF_BOUNDS],
@@ -177,5 +247,59 @@ mod tests {
             ),
             Status::InvalidMemoryAccess as i32
         );
+    }
+
+    #[test]
+    fn set_bytes_prepends_appends_and_replaces() {
+        let mut guest = guest();
+        let stream = crate::stream::HttpStream {
+            request_body: b"hello".to_vec(),
+            ..Default::default()
+        };
+        guest.lend(stream);
+        let set = |guest: &mut Guest, start: i32, size: i32, data: &[u8]| {
+            let (ptr, len) = guest.put(data);
+            guest.env(
+                "proxy_set_buffer_bytes",
+                &[REQUEST_BODY, start, size, ptr, len],
+            )
+        };
+        assert_eq!(set(&mut guest, 0, 0, b">"), 0);
+        assert_eq!(guest.stream().request_body, b">hello");
+        assert_eq!(set(&mut guest, 100, 0, b"<"), 0);
+        assert_eq!(guest.stream().request_body, b">hello<");
+        assert_eq!(set(&mut guest, 1, 5, b"HELLO"), 0);
+        assert_eq!(guest.stream().request_body, b">HELLO<");
+        assert_eq!(set(&mut guest, 0, 7, b"new"), 0);
+        assert_eq!(guest.stream().request_body, b"new");
+        assert_eq!(
+            get(&mut guest, REQUEST_BODY, 1, 10),
+            (0, Some(b"ew".to_vec()))
+        );
+        // Read-only and missing buffers, bad types and bad memory.
+        assert_eq!(set(&mut guest, 0, 0, b"x"), 0);
+        let (ptr, len) = guest.put(b"x");
+        let status = |guest: &mut Guest, ty: i32, p: i32| {
+            guest.env("proxy_set_buffer_bytes", &[ty, 0, 0, p, len])
+        };
+        assert_eq!(
+            status(&mut guest, VM_CONFIGURATION, ptr),
+            Status::BadArgument as i32
+        );
+        assert_eq!(status(&mut guest, 2, ptr), Status::NotFound as i32);
+        assert_eq!(status(&mut guest, 9, ptr), Status::BadArgument as i32);
+        assert_eq!(
+            status(&mut guest, REQUEST_BODY, OUT_OF_BOUNDS),
+            Status::InvalidMemoryAccess as i32
+        );
+    }
+
+    #[test]
+    fn splice_edges() {
+        let mut b = b"abc".to_vec();
+        super::splice(&mut b, 1, usize::MAX, b"Z");
+        assert_eq!(b, b"aZ");
+        super::splice(&mut b, 2, 0, b"!");
+        assert_eq!(b, b"aZ!");
     }
 }

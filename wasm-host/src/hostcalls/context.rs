@@ -22,18 +22,21 @@ pub(super) fn set_effective_context(caller: &mut Caller<'_, HostState>, id: i32)
     Ok(())
 }
 
-/// `proxy_done()`: a context that returned false from `proxy_on_done` says it
-/// has finished. cpp-host only waits for that from root contexts being shut
-/// down; the host does not shut root contexts down yet, so no context is ever
-/// waiting and the answer is NOT_FOUND, as cpp-host gives for a context it is
-/// not waiting for.
+/// `proxy_done()`: a root context whose `proxy_on_done` returned false (see
+/// [`PluginInstance::shutdown`](crate::PluginInstance::shutdown)) says it
+/// has finished; it is deleted once the current callback returns. NOT_FOUND
+/// for a context the host is not waiting for, as cpp-host.
 pub(super) fn done(caller: &mut Caller<'_, HostState>) -> HostResult {
-    tracing::debug!(
-        plugin = caller.data().plugin_name(),
-        context_id = caller.data().call.effective_context_id,
-        "proxy_done called with no pending shutdown"
-    );
-    Err(Status::NotFound.into())
+    let state = caller.data_mut();
+    let id = state.call.effective_context_id;
+    match state.pending_done.iter().position(|&p| p == id) {
+        Some(index) => {
+            state.pending_done.remove(index);
+            state.done.push(id);
+            Ok(())
+        }
+        None => Err(Status::NotFound.into()),
+    }
 }
 
 /// `proxy_get_current_time_nanoseconds(return_time)`: wall-clock time.
@@ -50,7 +53,9 @@ pub(crate) fn unix_time_nanos() -> u64 {
 }
 
 /// `proxy_set_tick_period_milliseconds(period)`: recorded for the root
-/// context; 0 turns ticks off. Delivering `proxy_on_tick` is the next issue.
+/// context; 0 turns ticks off. The embedder reads it with
+/// [`PluginInstance::tick_period`](crate::PluginInstance::tick_period) and
+/// calls [`PluginInstance::on_tick`](crate::PluginInstance::on_tick).
 pub(super) fn set_tick_period(caller: &mut Caller<'_, HostState>, millis: i32) -> HostResult {
     let millis = millis as u32;
     caller.data_mut().tick_period = (millis != 0).then(|| Duration::from_millis(millis.into()));

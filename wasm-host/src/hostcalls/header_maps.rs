@@ -1,11 +1,17 @@
 //! `proxy_{get,set}_header_map_pairs`, `proxy_get_header_map_size` and
 //! `proxy_{get,add,replace,remove}_header_map_value`.
 //!
-//! Only HTTP request and response headers exist so far, and only while the
-//! effective context's stream is lent to the running callback. Any other valid
-//! map type (trailers, gRPC metadata, http-call maps), or a header map outside
-//! a stream callback, is "not available": BAD_ARGUMENT, as Envoy answers when
-//! it has no such map. A map type outside the enum is BAD_ARGUMENT too.
+//! Which map exists when: HTTP request/response headers and trailers while
+//! the effective context's stream is lent; gRPC initial/trailing metadata in
+//! the gRPC receive callbacks; http-call response headers/trailers in
+//! `proxy_on_http_call_response`. The callout maps are read-only (spec §HTTP
+//! fields). A map that does not exist right now, a write to a read-only map,
+//! or a type outside the enum is BAD_ARGUMENT, as Envoy answers.
+//!
+//! Censoring (a wisp addition): the stream's sensitive headers
+//! ([`crate::PluginConfig::is_censored`], `authorization` and `cookie` by
+//! default) are invisible to the plugin: reads skip them, writes to them are
+//! ignored, and `proxy_set_header_map_pairs` keeps them.
 
 use wasmtime::Caller;
 
@@ -19,12 +25,61 @@ fn map_type(raw: i32) -> Result<MapType, Fault> {
     MapType::try_from(raw).map_err(|_| Status::BadArgument.into())
 }
 
-fn map(state: &mut HostState, ty: MapType) -> Result<&mut HeaderMap, Fault> {
-    let stream = state.stream_mut().ok_or(Status::BadArgument)?;
+/// Whether a header callback's write is allowed: callout maps are read-only.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// The map of type `ty`, and whether censoring applies to it.
+fn map(
+    state: &mut HostState,
+    ty: MapType,
+    access: Access,
+) -> Result<(&mut HeaderMap, bool), Fault> {
+    fn read_only(
+        map: Option<&mut HeaderMap>,
+        access: Access,
+    ) -> Result<(&mut HeaderMap, bool), Fault> {
+        match (map, access) {
+            (Some(map), Access::Read) => Ok((map, false)),
+            _ => Err(Status::BadArgument.into()),
+        }
+    }
     match ty {
-        MapType::HttpRequestHeaders => Ok(&mut stream.request_headers),
-        MapType::HttpResponseHeaders => Ok(&mut stream.response_headers),
-        _ => Err(Status::BadArgument.into()),
+        MapType::GrpcCallInitialMetadata => {
+            read_only(state.call.grpc_initial_metadata.as_mut(), access)
+        }
+        MapType::GrpcCallTrailingMetadata => {
+            read_only(state.call.grpc_trailing_metadata.as_mut(), access)
+        }
+        MapType::HttpCallResponseHeaders => read_only(
+            state
+                .call
+                .http_call_response
+                .as_mut()
+                .map(|r| &mut r.headers),
+            access,
+        ),
+        MapType::HttpCallResponseTrailers => read_only(
+            state
+                .call
+                .http_call_response
+                .as_mut()
+                .map(|r| &mut r.trailers),
+            access,
+        ),
+        _ => {
+            let stream = state.stream_mut().ok_or(Status::BadArgument)?;
+            let map = match ty {
+                MapType::HttpRequestHeaders => &mut stream.request_headers,
+                MapType::HttpResponseHeaders => &mut stream.response_headers,
+                MapType::HttpRequestTrailers => &mut stream.request_trailers,
+                _ => &mut stream.response_trailers,
+            };
+            Ok((map, true))
+        }
     }
 }
 
@@ -33,6 +88,15 @@ fn map(state: &mut HostState, ty: MapType) -> Result<&mut HeaderMap, Fault> {
 fn read_name(caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> Result<String, Fault> {
     let bytes = memory::read(caller, ptr, len)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The serialized visible entries of a map.
+fn visible_pairs(caller: &mut Caller<'_, HostState>, ty: MapType) -> Result<Vec<u8>, Fault> {
+    let state = caller.data_mut();
+    let plugin = state.plugin.clone();
+    let (map, censored) = map(state, ty, Access::Read)?;
+    let hide = |name: &str| censored && plugin.config().is_censored(name);
+    Ok(pairs::serialize(map.iter().filter(|(n, _)| !hide(n))))
 }
 
 /// `proxy_get_header_map_pairs(type, return_data, return_size)`; an empty map
@@ -44,12 +108,13 @@ pub(super) fn get_pairs(
     size_ptr: i32,
 ) -> HostResult {
     let ty = map_type(ty)?;
-    let serialized = pairs::serialize(map(caller.data_mut(), ty)?.iter());
+    let serialized = visible_pairs(caller, ty)?;
     memory::copy_out(caller, &serialized, ptr_ptr, size_ptr)?;
     Ok(())
 }
 
-/// `proxy_set_header_map_pairs(type, data, size)`: replaces the whole map.
+/// `proxy_set_header_map_pairs(type, data, size)`: replaces the whole map
+/// (censored entries stay).
 ///
 /// Deviation from cpp-host: it parses a malformed buffer as an empty map and so
 /// silently wipes every header; we leave the map alone and return BAD_ARGUMENT.
@@ -61,12 +126,24 @@ pub(super) fn set_pairs(
 ) -> HostResult {
     let ty = map_type(ty)?;
     let bytes = memory::read(caller, ptr, len)?;
-    let target = map(caller.data_mut(), ty)?;
+    let state = caller.data_mut();
+    let plugin = state.plugin.clone();
+    let (target, censored) = map(state, ty, Access::Write)?;
+    let hide = |name: &str| censored && plugin.config().is_censored(name);
     let new_pairs = pairs::deserialize(&bytes).map_err(|error| {
         tracing::debug!(%error, "proxy_set_header_map_pairs: malformed map");
         Status::BadArgument
     })?;
-    *target = new_pairs.into_iter().collect();
+    let kept: Vec<(String, Vec<u8>)> = target
+        .iter()
+        .filter(|(n, _)| hide(n))
+        .map(|(n, v)| (n.to_owned(), v.to_vec()))
+        .collect();
+    *target = new_pairs
+        .into_iter()
+        .filter(|(n, _)| !hide(n))
+        .chain(kept)
+        .collect();
     Ok(())
 }
 
@@ -74,7 +151,7 @@ pub(super) fn set_pairs(
 /// the spec defines it (Envoy reports the sum of name and value lengths).
 pub(super) fn get_size(caller: &mut Caller<'_, HostState>, ty: i32, size_ptr: i32) -> HostResult {
     let ty = map_type(ty)?;
-    let size = pairs::serialized_size(map(caller.data_mut(), ty)?.iter());
+    let size = visible_pairs(caller, ty)?.len();
     memory::write_u32(caller, size_ptr, u32::try_from(size).unwrap_or(u32::MAX))?;
     Ok(())
 }
@@ -93,13 +170,41 @@ pub(super) fn get_value(
 ) -> HostResult {
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
-    let value = map(caller.data_mut(), ty)?.get(&key).map(<[u8]>::to_vec);
+    let state = caller.data_mut();
+    let plugin = state.plugin.clone();
+    let (map, censored) = map(state, ty, Access::Read)?;
+    let value = map
+        .get(&key)
+        .filter(|_| !(censored && plugin.config().is_censored(&key)))
+        .map(<[u8]>::to_vec);
     let value = match value {
         Some(value) => value,
         None if caller.data().abi() == AbiVersion::V0_1_0 => Vec::new(),
         None => return Err(Status::NotFound.into()),
     };
     memory::copy_out(caller, &value, ptr_ptr, size_ptr)?;
+    Ok(())
+}
+
+/// Applies `change` to map `ty` unless `key` is censored there.
+fn modify(
+    caller: &mut Caller<'_, HostState>,
+    ty: MapType,
+    key: &str,
+    change: impl FnOnce(&mut HeaderMap),
+) -> HostResult {
+    let state = caller.data_mut();
+    let plugin = state.plugin.clone();
+    let (map, censored) = map(state, ty, Access::Write)?;
+    if censored && plugin.config().is_censored(key) {
+        tracing::debug!(
+            plugin = plugin.name(),
+            key,
+            "write to a censored header ignored"
+        );
+        return Ok(());
+    }
+    change(map);
     Ok(())
 }
 
@@ -115,8 +220,7 @@ pub(super) fn add_value(
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
     let value = memory::read(caller, ptr, len)?;
-    map(caller.data_mut(), ty)?.add(&key, &value);
-    Ok(())
+    modify(caller, ty, &key.clone(), |map| map.add(&key, &value))
 }
 
 /// `proxy_replace_header_map_value(...)`: add-or-replace.
@@ -131,8 +235,7 @@ pub(super) fn replace_value(
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
     let value = memory::read(caller, ptr, len)?;
-    map(caller.data_mut(), ty)?.replace(&key, &value);
-    Ok(())
+    modify(caller, ty, &key.clone(), |map| map.replace(&key, &value))
 }
 
 /// `proxy_remove_header_map_value(type, key, key_size)`: OK even if absent.
@@ -144,8 +247,7 @@ pub(super) fn remove_value(
 ) -> HostResult {
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
-    map(caller.data_mut(), ty)?.remove(&key);
-    Ok(())
+    modify(caller, ty, &key.clone(), |map| map.remove(&key))
 }
 
 #[cfg(test)]
@@ -252,11 +354,11 @@ mod tests {
             ),
             INVALID_MEMORY
         );
-        // A valid but unavailable map (trailers are not modelled yet).
-        assert_eq!(
-            get_value(&mut guest, REQUEST_TRAILERS, "x-a").0,
-            BAD_ARGUMENT
-        );
+        // Trailers exist (empty here); callout maps do not outside their callbacks.
+        assert_eq!(get_value(&mut guest, REQUEST_TRAILERS, "x-a").0, NOT_FOUND);
+        for map in [4, 5, 6, 7] {
+            assert_eq!(get_value(&mut guest, map, "x-a").0, BAD_ARGUMENT, "{map}");
+        }
     }
 
     #[test]
@@ -386,8 +488,105 @@ mod tests {
         );
         assert_eq!(
             guest.env("proxy_remove_header_map_value", &[REQUEST_TRAILERS, k, kl]),
+            OK
+        );
+        assert_eq!(
+            guest.env("proxy_remove_header_map_value", &[6, k, kl]),
             BAD_ARGUMENT
         );
+    }
+
+    #[test]
+    fn trailers_are_maps_of_the_stream() {
+        let mut guest = guest_with_headers(AbiVersion::V0_2_1);
+        let (k, kl) = guest.put(b"grpc-status");
+        let (v, vl) = guest.put(b"0");
+        assert_eq!(
+            guest.env(
+                "proxy_add_header_map_value",
+                &[REQUEST_TRAILERS, k, kl, v, vl]
+            ),
+            OK
+        );
+        assert_eq!(
+            guest.env("proxy_add_header_map_value", &[3, k, kl, v, vl]),
+            OK
+        );
+        assert_eq!(
+            guest.stream().request_trailers.get("grpc-status"),
+            Some(&b"0"[..])
+        );
+        assert_eq!(guest.stream().response_trailers.len(), 1);
+    }
+
+    #[test]
+    fn sensitive_headers_are_censored_unless_allowed() {
+        let stream = || HttpStream {
+            request_headers: [
+                ("authorization", "Bearer x"),
+                ("cookie", "a=b"),
+                ("x-a", "1"),
+            ]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        };
+        let mut guest = Guest::with(AbiVersion::V0_2_1, PluginConfig::default());
+        guest.lend(stream());
+        assert_eq!(
+            get_value(&mut guest, REQUEST, "Authorization"),
+            (NOT_FOUND, None)
+        );
+        assert_eq!(get_value(&mut guest, REQUEST, "cookie"), (NOT_FOUND, None));
+        let out = guest.slots();
+        assert_eq!(
+            guest.env("proxy_get_header_map_pairs", &[REQUEST, out.0, out.1]),
+            OK
+        );
+        let pairs = pairs::deserialize(&guest.returned(out).unwrap()).unwrap();
+        assert_eq!(pairs, vec![("x-a".to_owned(), b"1".to_vec())]);
+        let (size, _) = guest.slots();
+        assert_eq!(guest.env("proxy_get_header_map_size", &[REQUEST, size]), OK);
+        assert_eq!(
+            guest.read_u32(size) as usize,
+            pairs::serialize([("x-a", &b"1"[..])]).len()
+        );
+        // Writes to censored names are ignored; replacing the map keeps them.
+        let (k, kl) = guest.put(b"authorization");
+        assert_eq!(
+            guest.env("proxy_remove_header_map_value", &[REQUEST, k, kl]),
+            OK
+        );
+        let new = pairs::serialize([("x-b", &b"2"[..]), ("cookie", b"evil")]);
+        let (p, pl) = guest.put(&new);
+        assert_eq!(
+            guest.env("proxy_set_header_map_pairs", &[REQUEST, p, pl]),
+            OK
+        );
+        let map: Vec<(String, String)> = guest
+            .stream()
+            .request_headers
+            .iter()
+            .map(|(n, v)| (n.to_owned(), String::from_utf8_lossy(v).into_owned()))
+            .collect();
+        let expected = [
+            ("x-b", "2"),
+            ("authorization", "Bearer x"),
+            ("cookie", "a=b"),
+        ];
+        assert_eq!(map, expected.map(|(n, v)| (n.to_owned(), v.to_owned())));
+
+        let allowed = PluginConfig {
+            allowed_sensitive_headers: vec!["authorization".into()],
+            ..Default::default()
+        };
+        let mut guest = Guest::with(AbiVersion::V0_2_1, allowed);
+        guest.lend(stream());
+        assert_eq!(
+            get_value(&mut guest, REQUEST, "authorization"),
+            (OK, Some(b"Bearer x".to_vec()))
+        );
+        assert_eq!(get_value(&mut guest, REQUEST, "cookie"), (NOT_FOUND, None));
     }
 
     #[test]

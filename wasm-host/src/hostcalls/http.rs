@@ -1,5 +1,6 @@
 //! Stream control: `proxy_send_local_response`, `proxy_continue_stream`,
-//! `proxy_close_stream`.
+//! `proxy_close_stream`, and `proxy_get_status` (the outcome of the callout
+//! whose callback is running).
 
 use wasmtime::Caller;
 
@@ -91,7 +92,24 @@ pub(super) fn close_stream(caller: &mut Caller<'_, HostState>, ty: i32) -> HostR
     Ok(())
 }
 
-fn record(state: &mut HostState, stream: StreamType, kind: StreamRequestKind) {
+/// `proxy_get_status(return_code, return_message, return_message_size)`:
+/// in `proxy_on_http_call_response` 0 (success) or 11 (BrokenConnection,
+/// with the reason) as Envoy reports; in `proxy_on_grpc_close` the gRPC
+/// status and message. Elsewhere Envoy's defaults: 0 and an empty message.
+pub(super) fn get_status(
+    caller: &mut Caller<'_, HostState>,
+    code_ptr: i32,
+    ptr_ptr: i32,
+    size_ptr: i32,
+) -> HostResult {
+    let (code, message) = caller.data().call.status.clone().unwrap_or_default();
+    memory::check(caller, code_ptr, 4)?;
+    memory::copy_out(caller, &message, ptr_ptr, size_ptr)?;
+    memory::write_u32(caller, code_ptr, code)?;
+    Ok(())
+}
+
+pub(super) fn record(state: &mut HostState, stream: StreamType, kind: StreamRequestKind) {
     let context_id = state.call.effective_context_id;
     tracing::debug!(
         plugin = state.plugin_name(),

@@ -1,11 +1,18 @@
-//! `proxy_get_property`.
+//! `proxy_get_property`, `proxy_set_property`.
 //!
 //! A path arrives as segments separated by NUL (the Rust SDK turns
 //! `["source", "address"]` into `source\0address`); we look it up by the
 //! segments joined with `.`. Known: `plugin_name`, `plugin_root_id`,
 //! `plugin_vm_id`, plus whatever the embedder put in
 //! [`HttpStream::properties`](crate::HttpStream::properties) for the stream
-//! of the effective context. Anything else is NOT_FOUND.
+//! (or [`TcpConnection::properties`](crate::TcpConnection::properties)) for
+//! the stream of the effective context, then what `proxy_set_property` or
+//! [`PluginInstance::set_property`](crate::PluginInstance::set_property)
+//! stored on the instance. Anything else is NOT_FOUND.
+//!
+//! `proxy_set_property` writes to the lent stream's properties during a
+//! stream callback (Envoy's filter state lives per stream) and to the
+//! instance otherwise. The `plugin_*` properties are read-only: BAD_ARGUMENT.
 
 use wasmtime::Caller;
 
@@ -40,7 +47,47 @@ fn lookup(state: &HostState, path: &str) -> Option<Vec<u8>> {
     if let Some(value) = plugin_value {
         return Some(value.as_bytes().to_vec());
     }
-    state.stream()?.properties.get(path).cloned()
+    if let Some(value) = state.stream().and_then(|s| s.properties.get(path)) {
+        return Some(value.clone());
+    }
+    let tcp = match &state.call.tcp {
+        Some((id, conn)) if *id == state.call.effective_context_id => Some(conn),
+        _ => None,
+    };
+    if let Some(value) = tcp.and_then(|c| c.properties.get(path)) {
+        return Some(value.clone());
+    }
+    state.properties.get(path).cloned()
+}
+
+/// `proxy_set_property(path, path_size, value, value_size)`.
+pub(super) fn set(
+    caller: &mut Caller<'_, HostState>,
+    path_ptr: i32,
+    path_len: i32,
+    ptr: i32,
+    len: i32,
+) -> HostResult {
+    let raw_path = memory::read(caller, path_ptr, path_len)?;
+    let value = memory::read(caller, ptr, len)?;
+    let path = String::from_utf8_lossy(&raw_path).replace('\0', ".");
+    if path.is_empty()
+        || matches!(
+            path.as_str(),
+            "plugin_name" | "plugin_root_id" | "plugin_vm_id"
+        )
+    {
+        return Err(Status::BadArgument.into());
+    }
+    let state = caller.data_mut();
+    if let Some(stream) = state.stream_mut() {
+        stream.properties.insert(path, value);
+    } else if let Some(conn) = state.tcp_mut() {
+        conn.properties.insert(path, value);
+    } else {
+        state.properties.insert(path, value);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -101,5 +148,27 @@ mod tests {
         let out = guest.slots();
         let status = guest.env("proxy_get_property", &[OUT_OF_BOUNDS, 4, out.0, out.1]);
         assert_eq!(status, Status::InvalidMemoryAccess as i32);
+    }
+
+    #[test]
+    fn set_property_targets_the_stream_or_the_instance() {
+        let mut guest = Guest::new();
+        let set = |guest: &mut Guest, path: &[u8], value: &[u8]| {
+            let (p, pl) = guest.put(path);
+            let (v, vl) = guest.put(value);
+            guest.env("proxy_set_property", &[p, pl, v, vl])
+        };
+        assert_eq!(set(&mut guest, b"wisp\0root", b"r"), 0);
+        assert_eq!(guest.instance.property("wisp.root"), Some(&b"r"[..]));
+        assert_eq!(
+            set(&mut guest, b"plugin_name", b"x"),
+            Status::BadArgument as i32
+        );
+        assert_eq!(set(&mut guest, b"", b"x"), Status::BadArgument as i32);
+        guest.lend(HttpStream::default());
+        assert_eq!(set(&mut guest, b"wisp\0stream", b"s"), 0);
+        assert_eq!(guest.stream().properties["wisp.stream"], b"s");
+        // Instance properties stay visible from the stream.
+        assert_eq!(get(&mut guest, b"wisp\0root"), (0, Some(b"r".to_vec())));
     }
 }
