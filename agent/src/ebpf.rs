@@ -1,25 +1,56 @@
-//! The agent's side of the kernel programs: load the embedded eBPF object,
-//! attach it at the cgroup v2 root, enroll workloads, and look up where each
-//! steered connection was going.
+//! The agent's side of the kernel programs: check the kernel has what they
+//! need, load the embedded eBPF object (or re-adopt the one a previous agent
+//! pinned), attach it at the cgroup v2 root, enroll workloads, program the L4
+//! policy, and look up where each steered connection was going.
 //!
-//! Nothing is pinned: the programs stay attached exactly as long as this
-//! process holds them, so a crashed agent leaves no steering behind.
+//! **Pinning and restart safety.** Programs, links and maps are pinned under
+//! `ebpf.pin_path` (default `/sys/fs/bpf/wisp`, see [`pins`]). A starting
+//! agent that finds a complete set pinned by the same build on the same cgroup
+//! adopts it — the programs never stop steering, and the maps (enrollment,
+//! original destinations in flight, counters) carry over; anything else pinned
+//! there is replaced. On SIGINT/SIGTERM the agent removes everything unless
+//! `ebpf.keep_on_exit` is set (for DaemonSet upgrades); a crashed or killed
+//! agent leaves the pins, so steering stays in force until it is back.
+//! `wisp ebpf status` / `wisp ebpf detach` ([`cli`]) inspect and remove them.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+pub mod cli;
+#[cfg(test)]
+mod config_tests;
+pub mod inbound;
+pub mod metrics;
+pub mod pins;
+pub mod policy;
+pub mod probe;
+pub mod services;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use aya::Ebpf;
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SockOps};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::{Ebpf, EbpfLoader};
 use wisp_common::{
-    ConnKey, MAX_WORKLOADS, OriginalDst, RedirectTarget, Workload, WorkloadCounters, maps, programs,
+    Backend, ConnKey, MAX_BACKENDS, MAX_POLICY_RULES, MAX_SERVICES, MAX_WORKLOADS, META_BUILD,
+    META_CGROUP, OriginalDst, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS, PolicyRule,
+    ProgramCounters, REDIRECT_V4, REDIRECT_V6, RedirectTarget, SERVICE_L7, Service, ServiceKey,
+    Workload, WorkloadCounters, addr_to_words, maps, programs, words_to_addr,
 };
+
+pub use pins::Pins;
+pub use policy::{Cidr, PolicyAction, ResolvedRule};
+pub use services::ResolvedService;
 
 /// The compiled kernel programs, built by `cargo xtask build-ebpf` and
 /// embedded so that `wisp` ships as one binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/wisp-ebpf.o"));
+
+/// Where wisp pins its programs, links and maps unless configured otherwise.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/wisp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -31,11 +62,26 @@ pub enum EbpfError {
         "no cgroup v2 hierarchy is mounted (looked for a `cgroup2` entry in /proc/self/mounts); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`, or set ebpf.cgroup_root"
     )]
     NoCgroup2,
+    #[error(
+        "ebpf.cgroup_root {0} is not a cgroup v2 directory; wisp's programs attach to the cgroup v2 hierarchy: point ebpf.cgroup_root at a cgroup2 mount (see `grep cgroup2 /proc/self/mounts`) or leave it unset"
+    )]
+    NotCgroup2(PathBuf),
     #[error("cannot open cgroup {path}: {source}")]
     OpenCgroup {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("ebpf.pin_path: {0}")]
+    Bpffs(String),
+    #[error(
+        "this kernel cannot load {what} BPF programs ({program} needs them); wisp needs Linux 5.9 or newer with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF"
+    )]
+    ProgramTypeMissing {
+        what: &'static str,
+        program: &'static str,
+    },
+    #[error("pinning {path}: {message}")]
+    Pin { path: PathBuf, message: String },
     #[error("the kernel refused to load the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("eBPF program {name}: {source}")]
@@ -61,97 +107,338 @@ pub enum EbpfError {
     OwnNamespace { name: String, path: PathBuf },
     #[error("too many workloads: at most {MAX_WORKLOADS} can be enrolled")]
     TooManyWorkloads,
+    #[error("too many policy rules: the kernel evaluates at most {MAX_POLICY_RULES}")]
+    TooManyRules,
+    #[error(
+        "too many services or backends: the kernel balances at most {MAX_SERVICES} services with {MAX_BACKENDS} backends in all"
+    )]
+    TooManyServices,
+}
+
+/// What [`Dataplane::start`] needs to know.
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// `None`: the cgroup2 mount found in `/proc/self/mounts`.
+    pub cgroup_root: Option<PathBuf>,
+    pub pin_path: PathBuf,
+    /// Leave everything attached and pinned when the agent stops.
+    pub keep_on_exit: bool,
+    /// Where steered IPv4 connects (and IPv4-mapped ones) go.
+    pub redirect_v4: SocketAddrV4,
+    /// Where steered IPv6 connects go; `None` leaves IPv6 untouched.
+    pub redirect_v6: Option<SocketAddrV6>,
+}
+
+impl DataplaneOptions {
+    /// The options `wisp run` takes from its config; `redirect_v4` is
+    /// [`Config::redirect_target`](crate::config::Config::redirect_target).
+    pub fn from_config(
+        config: &crate::config::Config,
+        redirect_v4: SocketAddrV4,
+    ) -> DataplaneOptions {
+        DataplaneOptions {
+            cgroup_root: config.ebpf.cgroup_root.clone(),
+            pin_path: config
+                .ebpf
+                .pin_path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PIN_PATH)),
+            keep_on_exit: config.ebpf.keep_on_exit,
+            redirect_v4,
+            // Validated with the config.
+            redirect_v6: config.redirect_target_v6().ok().flatten(),
+        }
+    }
 }
 
 /// An enrolled workload, as the agent remembers it.
 #[derive(Clone, Debug)]
 pub struct EnrolledWorkload {
     pub name: String,
+    pub netns: PathBuf,
     pub netns_cookie: u64,
     pub slot: u32,
 }
 
-/// The loaded and attached kernel programs. Dropping it detaches them.
+/// Kernel-side counters of one program, summed over CPUs.
+#[derive(Clone, Debug)]
+pub struct ProgramStats {
+    pub program: &'static str,
+    pub counters: ProgramCounters,
+}
+
+/// Connects one policy rule matched.
+#[derive(Clone, Debug)]
+pub struct RuleStats {
+    pub name: String,
+    pub action: PolicyAction,
+    pub matches: u64,
+}
+
+/// Connects the kernel sent to one backend of a service.
+#[derive(Clone, Debug)]
+pub struct BackendStats {
+    pub service: String,
+    pub backend: SocketAddr,
+    pub connects: u64,
+}
+
+/// The attached kernel programs and the agent's handles on their maps.
+/// Dropping it detaches and unpins everything, unless `keep_on_exit`.
 pub struct Dataplane {
-    // Owns the programs and their links; dropping it detaches everything.
-    _ebpf: Ebpf,
+    // Holds the programs when this agent loaded them (not when adopted).
+    _ebpf: Option<Ebpf>,
+    links: Vec<PinnedLink>,
+    pins: Pins,
+    keep_on_exit: bool,
+    adopted: bool,
     cgroup_root: PathBuf,
     enrolled_map: HashMap<MapData, u64, Workload>,
     original_dst: Mutex<HashMap<MapData, ConnKey, OriginalDst>>,
-    counters: PerCpuArray<MapData, WorkloadCounters>,
+    counters: Mutex<PerCpuArray<MapData, WorkloadCounters>>,
+    program_counters: PerCpuArray<MapData, ProgramCounters>,
+    policy_map: Array<MapData, PolicyRule>,
+    policy_counters: Mutex<PerCpuArray<MapData, u64>>,
+    rules: Vec<(String, PolicyAction)>,
+    services_map: HashMap<MapData, ServiceKey, Service>,
+    backends_map: Array<MapData, Backend>,
+    backend_counters: Mutex<PerCpuArray<MapData, u64>>,
+    /// (service, backend) of each used slot of the backend array.
+    backends: Vec<(String, SocketAddr)>,
+    /// Owns the per-namespace sk_lookup links (dropping it detaches them).
+    sk_lookup: SkLookup,
+    inbound_sockets: SockMap<MapData>,
+    inbound_pods: HashMap<MapData, [u32; 4], u32>,
+    inbound_stats: Arc<inbound::InboundStats>,
+    /// An IPv6 redirect address is configured: the agent's own IPv6
+    /// connections come from it, so IPv6 inbound can exempt them.
+    steers_v6: bool,
     workloads: Vec<EnrolledWorkload>,
+    /// Enrolled cookies found in adopted maps and not (yet) re-enrolled.
+    stale: HashSet<u64>,
+}
+
+/// A cheap, stable fingerprint of the embedded object: pinned state made by
+/// another build is replaced, not adopted.
+pub fn build_id() -> u64 {
+    // FNV-1a, 64 bit.
+    EBPF_OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 impl Dataplane {
-    /// Loads the programs, attaches them at `cgroup_root` (or the cgroup v2
-    /// root found in `/proc/self/mounts`) and points steered connects at
-    /// `redirect`.
-    pub fn start(
-        cgroup_root: Option<&Path>,
-        redirect: SocketAddrV4,
-    ) -> Result<Dataplane, EbpfError> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(EbpfError::NotPrivileged);
-        }
-        let cgroup_root = match cgroup_root {
-            Some(path) => path.to_owned(),
-            None => find_cgroup2_mount()?.ok_or(EbpfError::NoCgroup2)?,
-        };
+    /// Checks the kernel, then adopts the pinned programs or loads, attaches
+    /// and pins fresh ones, and points steered connects at the redirect
+    /// targets.
+    pub fn start(options: &DataplaneOptions) -> Result<Dataplane, EbpfError> {
+        let cgroup_root = probe::check(options)?;
         let cgroup = std::fs::File::open(&cgroup_root).map_err(|source| EbpfError::OpenCgroup {
             path: cgroup_root.clone(),
             source,
         })?;
+        let cgroup_id = cgroup.metadata().map(|m| m.ino()).unwrap_or(0);
+        let pins = Pins::new(&options.pin_path);
+        let build = build_id();
 
-        let mut ebpf = Ebpf::load(EBPF_OBJECT)?;
+        let mut adopted = false;
+        if pins.complete() {
+            match Self::pinned_identity(&pins) {
+                Some((b, c)) if b == build && c == cgroup_id => adopted = true,
+                found => tracing::warn!(
+                    pin_path = %pins.root.display(),
+                    ?found,
+                    "replacing pinned eBPF state of another wisp build or cgroup"
+                ),
+            }
+        } else if pins.any() {
+            tracing::warn!(pin_path = %pins.root.display(), "replacing an incomplete set of pinned eBPF objects");
+        }
+        if !adopted && pins.any() {
+            pins.remove_all(true).map_err(|e| EbpfError::Pin {
+                path: pins.root.clone(),
+                message: format!("cannot remove the old pins: {e}"),
+            })?;
+        }
+
+        let result = Self::finish_start(
+            options,
+            pins.clone(),
+            adopted,
+            &cgroup,
+            cgroup_id,
+            cgroup_root,
+        );
+        if result.is_err() && !adopted {
+            // Never leave half an installation attached behind a failed start.
+            let _ = pins.remove_all(true);
+        }
+        result
+    }
+
+    fn finish_start(
+        options: &DataplaneOptions,
+        pins: Pins,
+        adopted: bool,
+        cgroup: &std::fs::File,
+        cgroup_id: u64,
+        cgroup_root: PathBuf,
+    ) -> Result<Dataplane, EbpfError> {
+        let build = build_id();
+        let (mut source, links) = if adopted {
+            let links = programs::ALL
+                .iter()
+                .map(|p| {
+                    PinnedLink::from_pin(pins.link(p)).map_err(|e| EbpfError::Pin {
+                        path: pins.link(p),
+                        message: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            (MapSource::Pinned(pins.clone()), links)
+        } else {
+            let (ebpf, links) = Self::load_and_attach(&pins, cgroup)?;
+            (MapSource::Loaded(Box::new(ebpf)), links)
+        };
+
+        let mut meta: Array<MapData, u64> = source.take(maps::META)?;
+        let map_err = |name| move |source| EbpfError::Map { name, source };
+        meta.set(META_BUILD, build, 0)
+            .map_err(map_err(maps::META))?;
+        meta.set(META_CGROUP, cgroup_id, 0)
+            .map_err(map_err(maps::META))?;
+
+        let mut redirect: Array<MapData, RedirectTarget> = source.take(maps::REDIRECT)?;
+        redirect
+            .set(REDIRECT_V4, target(SocketAddr::V4(options.redirect_v4)), 0)
+            .map_err(map_err(maps::REDIRECT))?;
+        let v6 = options
+            .redirect_v6
+            .map_or_else(RedirectTarget::default, |a| target(SocketAddr::V6(a)));
+        redirect
+            .set(REDIRECT_V6, v6, 0)
+            .map_err(map_err(maps::REDIRECT))?;
+
+        let enrolled_map: HashMap<MapData, u64, Workload> = source.take(maps::ENROLLED)?;
+        let stale = enrolled_map.keys().filter_map(Result::ok).collect();
+        let dataplane = Dataplane {
+            enrolled_map,
+            original_dst: Mutex::new(source.take(maps::ORIGINAL_DST)?),
+            counters: Mutex::new(source.take(maps::WORKLOAD_COUNTERS)?),
+            program_counters: source.take(maps::PROGRAM_COUNTERS)?,
+            policy_map: source.take(maps::POLICY)?,
+            policy_counters: Mutex::new(source.take(maps::POLICY_COUNTERS)?),
+            services_map: source.take(maps::SERVICES)?,
+            backends_map: source.take(maps::BACKENDS)?,
+            backend_counters: Mutex::new(source.take(maps::BACKEND_COUNTERS)?),
+            backends: Vec::new(),
+            sk_lookup: SkLookup::from_pin(pins.program(programs::SK_LOOKUP)).map_err(|source| {
+                EbpfError::Program {
+                    name: programs::SK_LOOKUP,
+                    source,
+                }
+            })?,
+            inbound_sockets: source.take(maps::INBOUND_SOCKETS)?,
+            inbound_pods: source.take(maps::INBOUND_PODS)?,
+            inbound_stats: Arc::default(),
+            steers_v6: options.redirect_v6.is_some(),
+            _ebpf: match source {
+                MapSource::Loaded(ebpf) => Some(*ebpf),
+                MapSource::Pinned(_) => None,
+            },
+            links,
+            pins,
+            keep_on_exit: options.keep_on_exit,
+            adopted,
+            cgroup_root,
+            rules: Vec::new(),
+            workloads: Vec::new(),
+            stale,
+        };
+        tracing::info!(
+            cgroup = %dataplane.cgroup_root.display(),
+            pin_path = %dataplane.pins.root.display(),
+            redirect = %options.redirect_v4,
+            redirect_v6 = ?options.redirect_v6,
+            "eBPF programs {} ({})",
+            if adopted { "adopted from their pins, steering never stopped" } else { "attached and pinned" },
+            programs::ALL.join(", ")
+        );
+        Ok(dataplane)
+    }
+
+    /// Build id and cgroup inode recorded in the pinned meta map.
+    fn pinned_identity(pins: &Pins) -> Option<(u64, u64)> {
+        let map = MapData::from_pin(pins.map(maps::META)).ok()?;
+        let meta: Array<MapData, u64> = Array::try_from(Map::from_map_data(map).ok()?).ok()?;
+        Some((
+            meta.get(&META_BUILD, 0).ok()?,
+            meta.get(&META_CGROUP, 0).ok()?,
+        ))
+    }
+
+    fn load_and_attach(
+        pins: &Pins,
+        cgroup: &std::fs::File,
+    ) -> Result<(Ebpf, Vec<PinnedLink>), EbpfError> {
+        let pin_err = |path: PathBuf| {
+            move |e: &dyn std::fmt::Display| EbpfError::Pin {
+                path,
+                message: e.to_string(),
+            }
+        };
+        pins.create_dirs()
+            .map_err(|e| pin_err(pins.root.clone())(&e))?;
+        let map_paths: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, pins.map(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT)?;
         // Attached through BPF links, which the kernel always adds alongside
         // other programs at the root (a CNI, another agent); link_create
         // refuses explicit ALLOW_MULTI flags, hence the default mode.
         let mode = CgroupAttachMode::Single;
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, programs::CONNECT4)?;
-        connect4
-            .load()
-            .and_then(|()| connect4.attach(cgroup.as_fd(), mode))
-            .map_err(|source| EbpfError::Program {
-                name: programs::CONNECT4,
-                source,
-            })?;
-        let sock_ops: &mut SockOps = program(&mut ebpf, programs::SOCK_OPS)?;
-        sock_ops
-            .load()
-            .and_then(|()| sock_ops.attach(cgroup.as_fd(), mode))
-            .map_err(|source| EbpfError::Program {
-                name: programs::SOCK_OPS,
-                source,
-            })?;
-
-        let mut redirect_map: Array<MapData, RedirectTarget> = take_map(&mut ebpf, maps::REDIRECT)?;
-        let target = RedirectTarget {
-            ip: u32::from_ne_bytes(redirect.ip().octets()),
-            port: redirect.port(),
-            enabled: 1,
-        };
-        redirect_map
-            .set(0, target, 0)
-            .map_err(|source| EbpfError::Map {
-                name: maps::REDIRECT,
-                source,
-            })?;
-
-        tracing::info!(
-            cgroup = %cgroup_root.display(),
-            %redirect,
-            "eBPF programs attached: {} and {}",
+        let mut links = Vec::new();
+        for name in [
             programs::CONNECT4,
-            programs::SOCK_OPS
+            programs::CONNECT6,
+            programs::GETPEERNAME4,
+            programs::GETPEERNAME6,
+        ] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            let err = |source| EbpfError::Program { name, source };
+            prog.load().map_err(err)?;
+            prog.pin(pins.program(name))
+                .map_err(|e| pin_err(pins.program(name))(&e))?;
+            let id = prog.attach(cgroup.as_fd(), mode).map_err(err)?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(err)?)
+                .map_err(|e| pin_err(pins.link(name))(&e))?;
+            links.push(
+                link.pin(pins.link(name))
+                    .map_err(|e| pin_err(pins.link(name))(&e))?,
+            );
+        }
+        let name = programs::SK_LOOKUP;
+        let prog: &mut SkLookup = program(&mut ebpf, name)?;
+        let err = |source| EbpfError::Program { name, source };
+        prog.load().map_err(err)?;
+        prog.pin(pins.program(name))
+            .map_err(|e| pin_err(pins.program(name))(&e))?;
+        let name = programs::SOCK_OPS;
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
+        let err = |source| EbpfError::Program { name, source };
+        prog.load().map_err(err)?;
+        prog.pin(pins.program(name))
+            .map_err(|e| pin_err(pins.program(name))(&e))?;
+        let id = prog.attach(cgroup.as_fd(), mode).map_err(err)?;
+        let link = FdLink::try_from(prog.take_link(id).map_err(err)?)
+            .map_err(|e| pin_err(pins.link(name))(&e))?;
+        links.push(
+            link.pin(pins.link(name))
+                .map_err(|e| pin_err(pins.link(name))(&e))?,
         );
-        Ok(Dataplane {
-            enrolled_map: take_map(&mut ebpf, maps::ENROLLED)?,
-            original_dst: Mutex::new(take_map(&mut ebpf, maps::ORIGINAL_DST)?),
-            counters: take_map(&mut ebpf, maps::WORKLOAD_COUNTERS)?,
-            _ebpf: ebpf,
-            cgroup_root,
-            workloads: Vec::new(),
-        })
+        Ok((ebpf, links))
     }
 
     /// Steers the TCP connects of the pod whose network namespace is `netns`
@@ -172,20 +459,264 @@ impl Dataplane {
             .ok()
             .filter(|slot| *slot < MAX_WORKLOADS)
             .ok_or(EbpfError::TooManyWorkloads)?;
+        let previous = self.enrolled_map.get(&cookie, 0).ok();
+        if previous.map(|w| w.slot) != Some(slot) {
+            // A slot that counted another pod before a restart starts at zero.
+            self.zero_counters(slot);
+        }
         self.enrolled_map
             .insert(cookie, Workload { slot, flags: 0 }, 0)
             .map_err(|source| EbpfError::Map {
                 name: maps::ENROLLED,
                 source,
             })?;
+        self.stale.remove(&cookie);
         let workload = EnrolledWorkload {
             name: name.to_owned(),
+            netns: netns.to_owned(),
             netns_cookie: cookie,
             slot,
         };
-        tracing::info!(workload = name, netns = %netns.display(), cookie, "enrolled");
+        tracing::info!(workload = name, netns = %netns.display(), cookie, slot, "enrolled");
         self.workloads.push(workload.clone());
         Ok(workload)
+    }
+
+    /// After the configured workloads are enrolled: removes enrollments an
+    /// adopted map still held for pods no longer configured.
+    pub fn finish_enrollment(&mut self) {
+        for cookie in std::mem::take(&mut self.stale) {
+            let _ = self.enrolled_map.remove(&cookie);
+            tracing::info!(
+                cookie,
+                "removed a stale enrollment left by the previous agent"
+            );
+        }
+    }
+
+    /// After the configured workloads are enrolled: drops stale enrollments
+    /// and loads the configured L4 policy.
+    pub fn apply_config(&mut self, config: &crate::config::Config) -> Result<(), EbpfError> {
+        self.finish_enrollment();
+        let rules: Vec<ResolvedRule> = config
+            .policy
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| rule.resolve(i, &self.workloads))
+            .collect();
+        self.set_policy(&rules)?;
+        let services: Vec<ResolvedService> =
+            config.services.iter().map(|s| s.resolve(config)).collect();
+        self.set_services(&services)?;
+        if config.inbound.enabled {
+            self.enable_inbound()?;
+        }
+        Ok(())
+    }
+
+    /// Intercepts the inbound connections of every enrolled workload: a
+    /// listener inside each pod's namespace, its addresses in the inbound
+    /// map, and `wisp_sk_lookup` attached to the namespace; then starts the
+    /// relay that serves them.
+    pub fn enable_inbound(&mut self) -> Result<(), EbpfError> {
+        let map_err = |name| move |source| EbpfError::Map { name, source };
+        // Pods of an adopted map that may be gone.
+        let old: Vec<[u32; 4]> = self.inbound_pods.keys().filter_map(Result::ok).collect();
+        for k in old {
+            let _ = self.inbound_pods.remove(&k);
+        }
+        let mut listeners = Vec::new();
+        let mut stats = inbound::InboundStats::default();
+        for (index, workload) in self.workloads.iter().enumerate() {
+            let netns_err = |source| EbpfError::Netns {
+                path: workload.netns.clone(),
+                source,
+            };
+            let mut pod = inbound::open_listener(&workload.netns).map_err(netns_err)?;
+            if !self.steers_v6 {
+                // Without outbound.redirect_address_v6 the agent's own IPv6
+                // connections could not be told apart: IPv6 inbound stays off.
+                pod.v6 = None;
+                pod.addrs.retain(IpAddr::is_ipv4);
+            }
+            self.inbound_sockets
+                .set(workload.slot, &pod.v4, 0)
+                .map_err(map_err(maps::INBOUND_SOCKETS))?;
+            if let Some(v6) = &pod.v6 {
+                self.inbound_sockets
+                    .set(MAX_WORKLOADS + workload.slot, v6, 0)
+                    .map_err(map_err(maps::INBOUND_SOCKETS))?;
+            }
+            for addr in &pod.addrs {
+                self.inbound_pods
+                    .insert(addr_to_words(*addr), workload.slot, 0)
+                    .map_err(map_err(maps::INBOUND_PODS))?;
+            }
+            let addrs = pod.addrs;
+            let netns = std::fs::File::open(&workload.netns).map_err(netns_err)?;
+            self.sk_lookup
+                .attach(netns)
+                .map_err(|source| EbpfError::Program {
+                    name: programs::SK_LOOKUP,
+                    source,
+                })?;
+            tracing::info!(
+                workload = %workload.name,
+                addresses = %inbound::describe(&addrs),
+                "inbound connections intercepted"
+            );
+            stats
+                .connections
+                .push((workload.name.clone(), std::sync::atomic::AtomicU64::new(0)));
+            listeners.push((index, pod.v4));
+            if let Some(v6) = pod.v6 {
+                listeners.push((index, v6));
+            }
+        }
+        self.inbound_stats = Arc::new(stats);
+        inbound::spawn_relay(listeners, self.inbound_stats.clone());
+        Ok(())
+    }
+
+    /// Inbound connections intercepted per workload.
+    pub fn inbound_counters(&self) -> Vec<(String, u64)> {
+        self.inbound_stats
+            .connections
+            .iter()
+            .map(|(name, n)| (name.clone(), n.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Replaces the services the kernel balances (and resets their counters).
+    pub fn set_services(&mut self, services: &[ResolvedService]) -> Result<(), EbpfError> {
+        let total: usize = services.iter().map(|s| s.backends.len()).sum();
+        if services.len() > MAX_SERVICES as usize || total > MAX_BACKENDS as usize {
+            return Err(EbpfError::TooManyServices);
+        }
+        let map_err = |name| move |source| EbpfError::Map { name, source };
+        let key = |vip: SocketAddr| ServiceKey {
+            ip: addr_to_words(vip.ip()),
+            port: vip.port(),
+            _pad: 0,
+        };
+        // Services of a previous configuration (adopted maps) go first.
+        let wanted: HashSet<ServiceKey> = services.iter().map(|s| key(s.vip)).collect();
+        let old: Vec<ServiceKey> = self.services_map.keys().filter_map(Result::ok).collect();
+        for k in old.into_iter().filter(|k| !wanted.contains(k)) {
+            let _ = self.services_map.remove(&k);
+        }
+        let cpus = aya::util::nr_cpus().unwrap_or(1);
+        let mut counters = self
+            .backend_counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut first = 0u32;
+        let mut names = Vec::new();
+        for service in services {
+            let mut cumulative = 0u32;
+            for (i, (addr, weight)) in service.backends.iter().enumerate() {
+                cumulative += weight;
+                let index = first + i as u32;
+                let backend = Backend {
+                    ip: addr_to_words(addr.ip()),
+                    port: addr.port(),
+                    _pad: 0,
+                    cumulative_weight: cumulative,
+                };
+                self.backends_map
+                    .set(index, backend, 0)
+                    .map_err(map_err(maps::BACKENDS))?;
+                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; cpus]) {
+                    let _ = counters.set(index, zero, 0);
+                }
+                names.push((service.name.clone(), *addr));
+            }
+            let value = Service {
+                first,
+                count: service.backends.len() as u32,
+                total_weight: cumulative,
+                flags: if service.l7 { SERVICE_L7 } else { 0 },
+            };
+            self.services_map
+                .insert(key(service.vip), value, 0)
+                .map_err(map_err(maps::SERVICES))?;
+            tracing::info!(
+                service = %service.name,
+                vip = %service.vip,
+                backends = service.backends.len(),
+                l7 = service.l7,
+                "service balanced at connect time{}",
+                if service.l7 { " (enrolled pods keep the VIP: it goes through the agent)" } else { "" }
+            );
+            first += service.backends.len() as u32;
+        }
+        self.backends = names;
+        Ok(())
+    }
+
+    /// Connects the kernel sent to each backend, summed over CPUs.
+    pub fn backend_counters(&self) -> Vec<BackendStats> {
+        let counters = self
+            .backend_counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.backends
+            .iter()
+            .enumerate()
+            .map(|(i, (service, backend))| BackendStats {
+                service: service.clone(),
+                backend: *backend,
+                connects: counters
+                    .get(&(i as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0),
+            })
+            .collect()
+    }
+
+    fn zero_counters(&self, slot: u32) {
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return;
+        };
+        if let Ok(zero) = PerCpuValues::try_from(vec![WorkloadCounters::default(); cpus]) {
+            let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = counters.set(slot, zero, 0);
+        }
+    }
+
+    /// Replaces the kernel's L4 policy with `rules` (first match wins) and
+    /// resets their counters.
+    pub fn set_policy(&mut self, rules: &[ResolvedRule]) -> Result<(), EbpfError> {
+        if rules.len() > MAX_POLICY_RULES as usize {
+            return Err(EbpfError::TooManyRules);
+        }
+        let map_err = |source| EbpfError::Map {
+            name: maps::POLICY,
+            source,
+        };
+        // Write from the end so that the list never has a hole in between.
+        for i in (0..MAX_POLICY_RULES).rev() {
+            let rule = rules
+                .get(i as usize)
+                .map_or_else(PolicyRule::default, ResolvedRule::to_kernel);
+            self.policy_map.set(i, rule, 0).map_err(map_err)?;
+        }
+        if let Ok(cpus) = aya::util::nr_cpus() {
+            let mut counters = self
+                .policy_counters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for i in 0..rules.len() as u32 {
+                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; cpus]) {
+                    let _ = counters.set(i, zero, 0);
+                }
+            }
+        }
+        self.rules = rules.iter().map(|r| (r.name.clone(), r.action)).collect();
+        if !rules.is_empty() {
+            tracing::info!(rules = rules.len(), "L4 policy loaded");
+        }
+        Ok(())
     }
 
     pub fn workloads(&self) -> &[EnrolledWorkload] {
@@ -196,17 +727,24 @@ impl Dataplane {
         &self.cgroup_root
     }
 
+    /// Whether this agent adopted programs a previous one pinned.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
     /// Where the connection from `peer` to the agent's `local` address was
-    /// going before the kernel steered it here; `None` for a connection the
-    /// kernel did not steer. Each record is handed out once.
+    /// going before the kernel steered it here, and the enrollment slot of
+    /// the pod it came from; `None` for a connection the kernel did not
+    /// steer. Each record is handed out once. IPv4, IPv6 and IPv4-mapped
+    /// addresses (a dual-stack listener) are all accepted.
     pub fn take_original_dst(
         &self,
-        peer: SocketAddrV4,
-        local: SocketAddrV4,
-    ) -> Option<(SocketAddrV4, u32)> {
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<(SocketAddr, u32)> {
         let key = ConnKey {
-            src_ip: u32::from_ne_bytes(peer.ip().octets()),
-            dst_ip: u32::from_ne_bytes(local.ip().octets()),
+            src_ip: addr_to_words(peer.ip()),
+            dst_ip: addr_to_words(local.ip()),
             src_port: peer.port(),
             dst_port: local.port(),
         };
@@ -214,20 +752,60 @@ impl Dataplane {
         let original = map.get(&key, 0).ok()?;
         // A later connection with the same 4-tuple must not find this record.
         let _ = map.remove(&key);
-        let ip = Ipv4Addr::from(original.ip.to_ne_bytes());
-        Some((SocketAddrV4::new(ip, original.port), original.slot))
+        let ip = words_to_addr(original.ip);
+        Some((SocketAddr::new(ip, original.port), original.slot))
     }
 
     /// The kernel's counters for each enrolled workload, summed over CPUs.
     pub fn workload_counters(&self) -> Vec<(EnrolledWorkload, WorkloadCounters)> {
+        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         self.workloads
             .iter()
             .map(|w| {
                 let mut total = WorkloadCounters::default();
-                if let Ok(per_cpu) = self.counters.get(&w.slot, 0) {
+                if let Ok(per_cpu) = counters.get(&w.slot, 0) {
                     per_cpu.iter().for_each(|c| total.add(c));
                 }
                 (w.clone(), total)
+            })
+            .collect()
+    }
+
+    /// Runs and actions of each kernel program, summed over CPUs.
+    pub fn program_counters(&self) -> Vec<ProgramStats> {
+        [
+            (programs::CONNECT4, PROG_CONNECT4),
+            (programs::CONNECT6, PROG_CONNECT6),
+            (programs::SOCK_OPS, PROG_SOCK_OPS),
+            (programs::SK_LOOKUP, wisp_common::PROG_SK_LOOKUP),
+        ]
+        .into_iter()
+        .map(|(program, index)| {
+            let mut counters = ProgramCounters::default();
+            if let Ok(per_cpu) = self.program_counters.get(&index, 0) {
+                per_cpu.iter().for_each(|c| counters.add(c));
+            }
+            ProgramStats { program, counters }
+        })
+        .collect()
+    }
+
+    /// How many connects each policy rule matched.
+    pub fn policy_counters(&self) -> Vec<RuleStats> {
+        let counters = self
+            .policy_counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        self.rules
+            .iter()
+            .enumerate()
+            .map(|(i, (name, action))| RuleStats {
+                name: name.clone(),
+                action: *action,
+                matches: counters
+                    .get(&(i as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0),
             })
             .collect()
     }
@@ -235,12 +813,58 @@ impl Dataplane {
 
 impl Drop for Dataplane {
     fn drop(&mut self) {
+        if self.keep_on_exit {
+            tracing::info!(
+                pin_path = %self.pins.root.display(),
+                "ebpf.keep_on_exit: leaving the eBPF programs attached and pinned for the next agent ({})",
+                programs::ALL.join(", ")
+            );
+            return;
+        }
         tracing::info!(
             cgroup = %self.cgroup_root.display(),
-            "detaching eBPF programs {} and {}",
-            programs::CONNECT4,
-            programs::SOCK_OPS
+            pin_path = %self.pins.root.display(),
+            "detaching eBPF programs {} and removing their pins",
+            programs::ALL.join(", ")
         );
+        // Unpinning the links and dropping our descriptors detaches them;
+        // force-detach too, in case another process holds one.
+        if let Err(error) = self.pins.remove_all(true) {
+            tracing::warn!(%error, pin_path = %self.pins.root.display(), "could not remove every pin; `wisp ebpf detach` removes the rest");
+        }
+        self.links.clear();
+    }
+}
+
+/// Where the maps come from: the object this agent loaded, or the pins of
+/// the agent before it.
+enum MapSource {
+    Loaded(Box<Ebpf>),
+    Pinned(Pins),
+}
+
+impl MapSource {
+    fn take<T>(&mut self, name: &'static str) -> Result<T, EbpfError>
+    where
+        T: TryFrom<Map, Error = aya::maps::MapError>,
+    {
+        let map_err = |source| EbpfError::Map { name, source };
+        let map = match self {
+            MapSource::Loaded(ebpf) => ebpf.take_map(name).ok_or(EbpfError::Missing(name))?,
+            MapSource::Pinned(pins) => {
+                Map::from_map_data(MapData::from_pin(pins.map(name)).map_err(map_err)?)
+                    .map_err(map_err)?
+            }
+        };
+        T::try_from(map).map_err(map_err)
+    }
+}
+
+fn target(addr: SocketAddr) -> RedirectTarget {
+    RedirectTarget {
+        ip: addr_to_words(addr.ip()),
+        port: addr.port(),
+        enabled: 1,
     }
 }
 
@@ -252,14 +876,6 @@ where
     program
         .try_into()
         .map_err(|source| EbpfError::Program { name, source })
-}
-
-fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, EbpfError>
-where
-    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
-{
-    let map = ebpf.take_map(name).ok_or(EbpfError::Missing(name))?;
-    T::try_from(map).map_err(|source| EbpfError::Map { name, source })
 }
 
 /// The mount point of the first cgroup v2 hierarchy in `/proc/self/mounts`.

@@ -1,43 +1,58 @@
-//! wisp's kernel programs.
+//! wisp's kernel programs, all attached at the cgroup v2 root.
 //!
-//! * `wisp_connect4` (`cgroup/connect4`, attached at the cgroup v2 root): when
-//!   a process in an **enrolled** network namespace opens a TCP connection,
-//!   rewrite the destination to the node agent and remember where it was
-//!   going, keyed by the socket cookie.
-//! * `wisp_sock_ops` (`sockops`, same attachment): when such a steered
-//!   connection completes its handshake, re-key that record by the 4-tuple so
-//!   the agent can look it up from the socket it accepts.
+//! * `wisp_connect4` (`cgroup/connect4`) and `wisp_connect6`
+//!   (`cgroup/connect6`): when a process in an **enrolled** network namespace
+//!   connects, apply the L4 policy (a denied connect fails with `EPERM`), and
+//!   for TCP rewrite the destination to the node agent, remembering where it
+//!   was going under the socket cookie. connect6 also sees the IPv4-mapped
+//!   connects of dual-stack sockets (`::ffff:a.b.c.d`); those are steered to
+//!   the agent's IPv4 address, mapped.
+//! * `wisp_sock_ops` (`sockops`): when such a steered connection completes its
+//!   handshake, re-key that record by the 4-tuple so the agent can look it up
+//!   from the socket it accepts.
 //!
 //! Enrollment is by network-namespace cookie: every container of a pod shares
 //! the pod's namespace, and the agent runs in the host namespace, which is
 //! never enrolled — so the agent's own connects are never steered (loop
 //! avoidance by construction, the Kmesh pattern).
+//!
+//! Addresses are kept in one form, 16 bytes with IPv4 mapped (see
+//! `wisp-common`), so one set of maps serves IPv4, IPv6 and dual stack.
 #![no_std]
 #![no_main]
+
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    programs::{SockAddrContext, SockOpsContext},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
 };
 use wisp_common::{
-    ConnKey, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS, OriginalDst, RedirectTarget, Workload,
-    WorkloadCounters,
+    ANY_WORKLOAD, Backend, ConnKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_POLICY_RULES,
+    MAX_SERVICES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS, META_ENTRIES, OriginalDst, POLICY_DENY,
+    PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP, PROG_SOCK_OPS, PROGRAM_COUNT, PolicyRule,
+    ProgramCounters, REDIRECT_V4, REDIRECT_V6, RedirectTarget, SERVICE_L7, Service, ServiceKey,
+    Workload, WorkloadCounters,
 };
 
 /// Returned by cgroup sock_addr programs to let the syscall proceed.
 const ALLOW: i32 = 1;
+/// Returned to refuse it: the caller's connect() fails with EPERM.
+const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 
 #[map(name = "WISP_ENROLLED")]
 static ENROLLED: HashMap<u64, Workload> = HashMap::with_max_entries(MAX_WORKLOADS, 0);
 
 #[map(name = "WISP_REDIRECT")]
-static REDIRECT: Array<RedirectTarget> = Array::with_max_entries(1, 0);
+static REDIRECT: Array<RedirectTarget> = Array::with_max_entries(2, 0);
 
 #[map(name = "WISP_PENDING")]
 static PENDING: LruHashMap<u64, OriginalDst> =
@@ -51,48 +66,134 @@ static ORIGINAL_DST: LruHashMap<ConnKey, OriginalDst> =
 static WORKLOAD_COUNTERS: PerCpuArray<WorkloadCounters> =
     PerCpuArray::with_max_entries(MAX_WORKLOADS, 0);
 
+#[map(name = "WISP_PROGRAM_COUNTERS")]
+static PROGRAM_COUNTERS: PerCpuArray<ProgramCounters> =
+    PerCpuArray::with_max_entries(PROGRAM_COUNT, 0);
+
+#[map(name = "WISP_POLICY")]
+static POLICY: Array<PolicyRule> = Array::with_max_entries(MAX_POLICY_RULES, 0);
+
+#[map(name = "WISP_POLICY_COUNTERS")]
+static POLICY_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_POLICY_RULES, 0);
+
+/// Written by the agent only; read by `wisp ebpf status` and on re-adoption.
+#[map(name = "WISP_META")]
+static META: Array<u64> = Array::with_max_entries(META_ENTRIES, 0);
+
+#[map(name = "WISP_SERVICES")]
+static SERVICES: HashMap<ServiceKey, Service> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+#[map(name = "WISP_BACKENDS")]
+static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+#[map(name = "WISP_BACKEND_COUNTERS")]
+static BACKEND_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// What each translated or steered socket connected to, by socket cookie,
+/// so getpeername shows that instead of the backend or the agent.
+#[map(name = "WISP_PEER")]
+static PEER: LruHashMap<u64, OriginalDst> =
+    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+
+#[map(name = "WISP_INBOUND_SOCKETS")]
+static INBOUND_SOCKETS: SockMap = SockMap::with_max_entries(2 * MAX_WORKLOADS, 0);
+
+#[map(name = "WISP_INBOUND_PODS")]
+static INBOUND_PODS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(2 * MAX_WORKLOADS, 0);
+
+/// `::ffff:0:0/96`, the IPv4-mapped prefix, as the third address word.
+const MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+
 #[cgroup_sock_addr(connect4)]
 pub fn wisp_connect4(ctx: SockAddrContext) -> i32 {
-    steer_connect4(&ctx);
-    // Steering never refuses a connect; L4 policy is a later program.
-    ALLOW
+    count_program(PROG_CONNECT4, |c| c.runs += 1);
+    let addr: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: `addr` is the context pointer the verifier checks accesses on.
+    let dst_ip4 = unsafe { (*addr).user_ip4 };
+    let dst = [0, 0, MAPPED_WORD, dst_ip4];
+    connect(&ctx, PROG_CONNECT4, dst, true)
 }
 
+#[cgroup_sock_addr(connect6)]
+pub fn wisp_connect6(ctx: SockAddrContext) -> i32 {
+    count_program(PROG_CONNECT6, |c| c.runs += 1);
+    let addr: *mut bpf_sock_addr = ctx.sock_addr;
+    // SAFETY: as above; user_ip6 is readable in connect6 (32-bit loads).
+    let dst = unsafe {
+        [
+            (*addr).user_ip6[0],
+            (*addr).user_ip6[1],
+            (*addr).user_ip6[2],
+            (*addr).user_ip6[3],
+        ]
+    };
+    connect(&ctx, PROG_CONNECT6, dst, false)
+}
+
+/// The work of both connect hooks. `dst` is the destination in map form;
+/// `is_v4_socket` tells which context fields to rewrite.
 #[inline(always)]
-fn steer_connect4(ctx: &SockAddrContext) {
+fn connect(ctx: &SockAddrContext, prog: u32, dst: [u32; 4], is_v4_socket: bool) -> i32 {
     // SAFETY: the helper only reads the context the kernel passed us.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: the enrollment map is only written by the agent from user
     // space; we copy the value out at once.
-    let Some(workload) = (unsafe { ENROLLED.get(&netns_cookie) }).copied() else {
-        return;
-    };
+    let enrolled = (unsafe { ENROLLED.get(&netns_cookie) }).copied();
     let addr: *mut bpf_sock_addr = ctx.sock_addr;
     // SAFETY: `addr` is the context pointer the verifier checks accesses on.
-    let (sock_type, protocol, dst_ip, dst_port_be) = unsafe {
-        (
-            (*addr).type_,
-            (*addr).protocol,
-            (*addr).user_ip4,
-            (*addr).user_port,
-        )
-    };
+    let (sock_type, protocol, dst_port_be) =
+        unsafe { ((*addr).type_, (*addr).protocol, (*addr).user_port) };
     let dst_port = u16::from_be(dst_port_be as u16);
-    let target = match REDIRECT.get(0) {
-        Some(t) if t.enabled != 0 => *t,
-        _ => return,
+    let mapped = dst[0] == 0 && dst[1] == 0 && dst[2] == MAPPED_WORD;
+    let is_loopback = if mapped {
+        dst[3].to_ne_bytes()[0] == 127
+    } else {
+        dst[0] == 0 && dst[1] == 0 && dst[2] == 0 && dst[3] == 1u32.to_be()
     };
-    let is_loopback = (dst_ip.to_ne_bytes()[0]) == 127;
-    let is_agent = dst_ip == target.ip && dst_port == target.port;
-    if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP || is_loopback || is_agent {
+    let is_tcp = sock_type == SOCK_STREAM && protocol == IPPROTO_TCP;
+    let Some(workload) = enrolled else {
+        // Not a mesh pod (or the agent itself): only service load balancing.
+        if is_tcp && !is_loopback {
+            balance(ctx, prog, dst, dst_port, is_v4_socket, false);
+        }
+        return ALLOW;
+    };
+    if is_loopback {
         count(workload.slot, |c| c.connects_passed += 1);
-        return;
+        return ALLOW;
+    }
+
+    if policy_denies(workload.slot, &dst, dst_port) {
+        count(workload.slot, |c| c.connects_denied += 1);
+        count_program(prog, |c| c.acted += 1);
+        return REFUSE;
+    }
+
+    // A service without L7 filters is balanced right here, and the pod
+    // talks to the backend directly; an L7 one keeps its VIP for the agent.
+    if is_tcp && balance(ctx, prog, dst, dst_port, is_v4_socket, true) {
+        count(workload.slot, |c| c.connects_passed += 1);
+        return ALLOW;
+    }
+
+    let index = if mapped { REDIRECT_V4 } else { REDIRECT_V6 };
+    let target = match REDIRECT.get(index) {
+        Some(t) if t.enabled != 0 => *t,
+        _ => {
+            count(workload.slot, |c| c.connects_passed += 1);
+            return ALLOW;
+        }
+    };
+    let is_agent = dst == target.ip && dst_port == target.port;
+    if !is_tcp || is_agent {
+        count(workload.slot, |c| c.connects_passed += 1);
+        return ALLOW;
     }
 
     // SAFETY: reads the socket cookie of the context's socket.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let original = OriginalDst {
-        ip: dst_ip,
+        ip: dst,
         port: dst_port,
         slot: workload.slot,
         netns_cookie,
@@ -102,19 +203,219 @@ fn steer_connect4(ctx: &SockAddrContext) {
         // Without a record the agent could not forward the connection, so
         // leave it alone rather than steer it into a dead end.
         count(workload.slot, |c| c.connects_passed += 1);
-        return;
+        count_program(prog, |c| c.errors += 1);
+        return ALLOW;
     }
-    // SAFETY: as above; these context fields are writable in connect4.
-    unsafe {
-        (*addr).user_ip4 = target.ip;
-        (*addr).user_port = u32::from(target.port.to_be());
-    }
+    let _ = PEER.insert(&socket_cookie, &original, 0);
+    rewrite(addr, target.ip, target.port, is_v4_socket);
     count(workload.slot, |c| c.connects_redirected += 1);
+    count_program(prog, |c| c.acted += 1);
+    ALLOW
+}
+
+#[inline(always)]
+fn rewrite(addr: *mut bpf_sock_addr, ip: [u32; 4], port: u16, is_v4_socket: bool) {
+    // SAFETY: the context pointer; these fields are writable in connect4/6
+    // and getpeername4/6.
+    unsafe {
+        if is_v4_socket {
+            (*addr).user_ip4 = ip[3];
+        } else {
+            (*addr).user_ip6[0] = ip[0];
+            (*addr).user_ip6[1] = ip[1];
+            (*addr).user_ip6[2] = ip[2];
+            (*addr).user_ip6[3] = ip[3];
+        }
+        (*addr).user_port = u32::from(port.to_be());
+    }
+}
+
+/// Connect-time load balancing: when `dst:port` is a service VIP, rewrite
+/// the connect to one of its backends, picked at random by weight, and
+/// remember the VIP for getpeername. `skip_l7`: leave L7 services alone (an
+/// enrolled pod's connect to them goes to the agent with the VIP). Returns
+/// whether the connect was translated.
+#[inline(always)]
+fn balance(
+    ctx: &SockAddrContext,
+    prog: u32,
+    dst: [u32; 4],
+    port: u16,
+    is_v4_socket: bool,
+    skip_l7: bool,
+) -> bool {
+    let key = ServiceKey {
+        ip: dst,
+        port,
+        _pad: 0,
+    };
+    // SAFETY: copied out at once.
+    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else {
+        return false;
+    };
+    if (skip_l7 && service.flags & SERVICE_L7 != 0) || service.total_weight == 0 {
+        return false;
+    }
+    // SAFETY: a helper without arguments.
+    let pick = unsafe { bpf_get_prandom_u32() } % service.total_weight;
+    let mut i = 0;
+    let mut chosen: Option<(u32, Backend)> = None;
+    while i < MAX_BACKENDS_PER_SERVICE && i < service.count {
+        let index = service.first + i;
+        if let Some(backend) = BACKENDS.get(index)
+            && pick < backend.cumulative_weight
+        {
+            chosen = Some((index, *backend));
+            break;
+        }
+        i += 1;
+    }
+    let Some((index, backend)) = chosen else {
+        return false;
+    };
+    // SAFETY: reads the socket cookie of the context's socket.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let vip = OriginalDst {
+        ip: dst,
+        port,
+        ..Default::default()
+    };
+    let _ = PEER.insert(&socket_cookie, &vip, 0);
+    rewrite(ctx.sock_addr, backend.ip, backend.port, is_v4_socket);
+    if let Some(counter) = BACKEND_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: this CPU's copy.
+        unsafe { *counter += 1 };
+    }
+    count_program(prog, |c| c.acted += 1);
+    true
+}
+
+/// getpeername of a socket whose connect was translated (to a backend) or
+/// steered (to the agent) shows what the application connected to.
+#[inline(always)]
+fn restore_peer(ctx: &SockAddrContext, is_v4_socket: bool) -> i32 {
+    // SAFETY: reads the socket cookie of the context's socket.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once.
+    if let Some(peer) = (unsafe { PEER.get(&socket_cookie) }).copied() {
+        rewrite(ctx.sock_addr, peer.ip, peer.port, is_v4_socket);
+    }
+    ALLOW
+}
+
+/// Inbound: a TCP connection arriving at an enrolled pod's address from
+/// outside the pod is handed to the agent's inbound listener in that pod's
+/// namespace (`bpf_sk_assign`). Nothing is rewritten: the accepted socket's
+/// local address is the pod IP:port the client asked for, and replies leave
+/// from it. The agent's own forwarded connections (from its redirect
+/// address) and the pod's connections to itself pass.
+#[sk_lookup]
+pub fn wisp_sk_lookup(ctx: SkLookupContext) -> u32 {
+    const SK_PASS: u32 = 1;
+    count_program(PROG_SK_LOOKUP, |c| c.runs += 1);
+    let lookup = ctx.lookup;
+    // SAFETY: the context pointer; fixed-offset reads of readable fields.
+    let (family, protocol, local4, remote4, local6, remote6) = unsafe {
+        (
+            read_volatile(&raw const (*lookup).family),
+            read_volatile(&raw const (*lookup).protocol),
+            read_volatile(&raw const (*lookup).local_ip4),
+            read_volatile(&raw const (*lookup).remote_ip4),
+            [
+                read_volatile(&raw const (*lookup).local_ip6[0]),
+                read_volatile(&raw const (*lookup).local_ip6[1]),
+                read_volatile(&raw const (*lookup).local_ip6[2]),
+                read_volatile(&raw const (*lookup).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*lookup).remote_ip6[0]),
+                read_volatile(&raw const (*lookup).remote_ip6[1]),
+                read_volatile(&raw const (*lookup).remote_ip6[2]),
+                read_volatile(&raw const (*lookup).remote_ip6[3]),
+            ],
+        )
+    };
+    if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+        return SK_PASS;
+    }
+    let v4 = family == AF_INET;
+    let (local, remote) = if v4 {
+        ([0, 0, MAPPED_WORD, local4], [0, 0, MAPPED_WORD, remote4])
+    } else {
+        (local6, remote6)
+    };
+    let remote_loopback = if v4 {
+        remote4.to_ne_bytes()[0] == 127
+    } else {
+        remote6[0] == 0 && remote6[1] == 0 && remote6[2] == 0 && remote6[3] == 1u32.to_be()
+    };
+    if local == remote || remote_loopback {
+        return SK_PASS;
+    }
+    // SAFETY: copied out at once.
+    let Some(slot) = (unsafe { INBOUND_PODS.get(&local) }).copied() else {
+        return SK_PASS;
+    };
+    let agent_index = if v4 { REDIRECT_V4 } else { REDIRECT_V6 };
+    if let Some(agent) = REDIRECT.get(agent_index)
+        && agent.enabled != 0
+        && agent.ip == remote
+    {
+        return SK_PASS;
+    }
+    let index = if v4 { slot } else { MAX_WORKLOADS + slot };
+    match INBOUND_SOCKETS.redirect_sk_lookup(&ctx, index, 0) {
+        Ok(()) => count_program(PROG_SK_LOOKUP, |c| c.acted += 1),
+        // No listener (the agent is gone): normal delivery, to the pod.
+        Err(_) => count_program(PROG_SK_LOOKUP, |c| c.errors += 1),
+    }
+    SK_PASS
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn wisp_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn wisp_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_peer(&ctx, false)
+}
+
+/// The first policy rule that matches decides (and counts the match);
+/// `true` when it denies. No rule matching allows.
+#[inline(always)]
+fn policy_denies(slot: u32, dst: &[u32; 4], port: u16) -> bool {
+    let mut i = 0;
+    while i < MAX_POLICY_RULES {
+        let Some(rule) = POLICY.get(i) else {
+            return false;
+        };
+        if rule.used == 0 {
+            return false;
+        }
+        let matches = (rule.src_slot == ANY_WORKLOAD || rule.src_slot == slot)
+            && (rule.dst_port == 0 || rule.dst_port == port)
+            && dst[0] & rule.dst_mask[0] == rule.dst_ip[0]
+            && dst[1] & rule.dst_mask[1] == rule.dst_ip[1]
+            && dst[2] & rule.dst_mask[2] == rule.dst_ip[2]
+            && dst[3] & rule.dst_mask[3] == rule.dst_ip[3];
+        if matches {
+            if let Some(counter) = POLICY_COUNTERS.get_ptr_mut(i) {
+                // SAFETY: this CPU's copy; nothing else writes it meanwhile.
+                unsafe { *counter += 1 };
+            }
+            return rule.action == POLICY_DENY;
+        }
+        i += 1;
+    }
+    false
 }
 
 #[sock_ops]
 pub fn wisp_sock_ops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        count_program(PROG_SOCK_OPS, |c| c.runs += 1);
         record_established(&ctx);
     }
     0
@@ -126,8 +427,8 @@ pub fn wisp_sock_ops(ctx: SockOpsContext) -> u32 {
 /// accept the connection.
 #[inline(always)]
 fn record_established(ctx: &SockOpsContext) {
-    const AF_INET: u32 = 2;
-    if ctx.family() != AF_INET {
+    let family = ctx.family();
+    if family != AF_INET && family != AF_INET6 {
         return;
     }
     // SAFETY: reads the socket cookie of the context's socket.
@@ -136,14 +437,48 @@ fn record_established(ctx: &SockOpsContext) {
     let Some(original) = (unsafe { PENDING.get(&socket_cookie) }).copied() else {
         return;
     };
+    // Every field is read, with fixed offsets, before choosing: the
+    // verifier refuses context accesses at offsets computed in a register,
+    // which is what LLVM makes of a branch between two fields.
+    let ops = ctx.ops;
+    // SAFETY: `ops` is the context pointer; these fields are readable in
+    // sockops for every family.
+    let (local4, remote4, local6, remote6) = unsafe {
+        (
+            read_volatile(&raw const (*ops).local_ip4),
+            read_volatile(&raw const (*ops).remote_ip4),
+            [
+                read_volatile(&raw const (*ops).local_ip6[0]),
+                read_volatile(&raw const (*ops).local_ip6[1]),
+                read_volatile(&raw const (*ops).local_ip6[2]),
+                read_volatile(&raw const (*ops).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*ops).remote_ip6[0]),
+                read_volatile(&raw const (*ops).remote_ip6[1]),
+                read_volatile(&raw const (*ops).remote_ip6[2]),
+                read_volatile(&raw const (*ops).remote_ip6[3]),
+            ],
+        )
+    };
+    let (src_ip, dst_ip) = if family == AF_INET {
+        ([0, 0, MAPPED_WORD, local4], [0, 0, MAPPED_WORD, remote4])
+    } else {
+        // A dual-stack socket's IPv4 connection shows its addresses mapped
+        // here, which is the form the map keeps anyway.
+        (local6, remote6)
+    };
     let key = ConnKey {
-        src_ip: ctx.local_ip4(),
-        dst_ip: ctx.remote_ip4(),
+        src_ip,
+        dst_ip,
         src_port: ctx.local_port() as u16,
         dst_port: remote_port(ctx.remote_port()),
     };
     if ORIGINAL_DST.insert(&key, &original, 0).is_ok() {
         count(original.slot, |c| c.connections_established += 1);
+        count_program(PROG_SOCK_OPS, |c| c.acted += 1);
+    } else {
+        count_program(PROG_SOCK_OPS, |c| c.errors += 1);
     }
     let _ = PENDING.remove(&socket_cookie);
 }
@@ -166,6 +501,14 @@ fn count(slot: u32, update: impl FnOnce(&mut WorkloadCounters)) {
     if let Some(counters) = WORKLOAD_COUNTERS.get_ptr_mut(slot) {
         // SAFETY: per-CPU value of this CPU; nothing else writes it while this
         // program runs on this CPU.
+        update(unsafe { &mut *counters });
+    }
+}
+
+#[inline(always)]
+fn count_program(prog: u32, update: impl FnOnce(&mut ProgramCounters)) {
+    if let Some(counters) = PROGRAM_COUNTERS.get_ptr_mut(prog) {
+        // SAFETY: as in `count`.
         update(unsafe { &mut *counters });
     }
 }
