@@ -1,5 +1,6 @@
 //! The admin listener (localhost by default): `/metrics` in Prometheus text
-//! format and `/ready`.
+//! format, `/ready`, `/config_dump` (the configuration in effect, as JSON) and
+//! `/plugins` (the loaded Proxy-Wasm plugins).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,6 +26,27 @@ pub enum AdminError {
 pub struct AdminState {
     pub registry: Registry,
     pub ready: std::sync::atomic::AtomicBool,
+    /// Replaced by a config reload.
+    pub config_dump: std::sync::RwLock<serde_json::Value>,
+    pub plugins: serde_json::Value,
+}
+
+/// What `/plugins` says about each loaded plugin.
+pub fn plugin_summaries(plugins: &[wisp_wasm_host::Plugin]) -> serde_json::Value {
+    plugins
+        .iter()
+        .map(|plugin| {
+            let config = plugin.config();
+            serde_json::json!({
+                "name": config.name,
+                "root_id": config.root_id,
+                "vm_id": config.vm_id,
+                "abi_version": format!("{:?}", plugin.abi_version()),
+                "failure_policy": config.failure_policy,
+                "configuration_bytes": config.configuration.len(),
+            })
+        })
+        .collect()
 }
 
 /// Binds the admin listener; serving starts with [`serve`].
@@ -80,6 +102,15 @@ async fn handle(
                 ),
             }
         }
+        "/config_dump" => match state.config_dump.read() {
+            Ok(dump) => json(&dump),
+            Err(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "config dump unavailable\n".to_owned(),
+            ),
+        },
+        "/plugins" => json(&state.plugins),
         "/ready" if state.ready.load(std::sync::atomic::Ordering::Acquire) => {
             (StatusCode::OK, "text/plain", "ready\n".to_owned())
         }
@@ -91,7 +122,7 @@ async fn handle(
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /metrics or /ready\n".to_owned(),
+            "not found; try /metrics, /ready, /config_dump or /plugins\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -101,4 +132,15 @@ async fn handle(
         http::HeaderValue::from_static(content_type),
     );
     Ok(response)
+}
+
+fn json(value: &serde_json::Value) -> (StatusCode, &'static str, String) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => (StatusCode::OK, "application/json", text + "\n"),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{error}\n"),
+        ),
+    }
 }

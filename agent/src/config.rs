@@ -4,12 +4,15 @@
 //! a default where one makes sense, and [`Config::load`] runs [`Config::validate`]
 //! so a mistake is reported at start-up with the field and the line it is on.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_saphyr::Spanned;
 use wisp_wasm_host::FailurePolicy;
+
+use crate::listener::Protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,7 +38,7 @@ pub enum ConfigError {
 }
 
 /// The whole agent configuration.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The listener that accepts connections the kernel steers to the agent.
@@ -55,9 +58,26 @@ pub struct Config {
     /// Where the kernel side lives on this node.
     #[serde(default)]
     pub ebpf: EbpfConfig,
+    /// L4 policy enforced in the kernel on enrolled pods' connects: the
+    /// first matching rule decides, unmatched connects are allowed.
+    #[serde(default)]
+    pub policy: Vec<crate::ebpf::policy::PolicyRuleSpec>,
+    /// Services whose VIP:port the kernel balances over their backends at
+    /// connect time (see `ebpf::services`).
+    #[serde(default)]
+    pub services: Vec<crate::ebpf::services::ServiceSpec>,
+    /// Interception of connections arriving at enrolled pods.
+    #[serde(default)]
+    pub inbound: crate::ebpf::inbound::InboundConfig,
+    /// On SIGTERM, how long in-flight connections may take to finish.
+    #[serde(default = "Config::default_drain_timeout_seconds")]
+    pub drain_timeout_seconds: u64,
+    /// Append one JSON line per HTTP request to this file.
+    #[serde(default)]
+    pub access_log: Option<PathBuf>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboundConfig {
     /// Address the agent listens on, e.g. `0.0.0.0:15001`.
@@ -67,9 +87,22 @@ pub struct OutboundConfig {
     /// Default: the `listen` address when that is a specific IPv4 address.
     #[serde(default)]
     pub redirect_address: Option<Located<IpAddr>>,
+    /// The node's IPv6 address steered IPv6 connects are rewritten to; IPv6
+    /// is steered only when it is set, and `listen` must then accept IPv6
+    /// (`[::]:PORT`, dual stack, or this address).
+    #[serde(default)]
+    pub redirect_address_v6: Option<Located<std::net::Ipv6Addr>>,
+    /// Protocol of steered connections: `auto` (default: detect HTTP/1.1,
+    /// HTTP/2 or plain TCP from the first bytes), `http1`, `http2` or `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Per destination port, overriding `protocol`, e.g. `{5432: tcp}` for a
+    /// server-first protocol that detection would wait on.
+    #[serde(default)]
+    pub ports: BTreeMap<u16, Protocol>,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// `/metrics` and `/ready`; on localhost by default.
@@ -95,7 +128,7 @@ impl Default for AdminConfig {
 }
 
 /// One Proxy-Wasm plugin of the filter chain.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginSpec {
     pub name: String,
@@ -113,13 +146,14 @@ pub struct PluginSpec {
     #[serde(default)]
     pub vm_configuration: String,
     /// What a request gets when the plugin fails: `FAIL_CLOSED` (503, the
-    /// default, as in Envoy) or `FAIL_OPEN` (the plugin is skipped).
+    /// default, as in Envoy), `FAIL_OPEN` (the plugin is skipped) or
+    /// `FAIL_RELOAD` (503, and the instance is re-created with backoff).
     #[serde(default)]
     pub failure_policy: FailurePolicy,
 }
 
 /// An enrolled workload: a pod, identified by its network namespace.
-#[derive(Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkloadSpec {
     /// A name for logs and metrics, e.g. `default/web-0`.
@@ -129,13 +163,23 @@ pub struct WorkloadSpec {
     pub netns: Spanned<PathBuf>,
 }
 
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EbpfConfig {
     /// The cgroup v2 directory the programs are attached to. Default: the
     /// root of the cgroup2 mount found in `/proc/self/mounts`.
     #[serde(default)]
     pub cgroup_root: Option<PathBuf>,
+    /// bpffs directory where programs, links and maps are pinned (mounted
+    /// at /sys/fs/bpf when bpffs is absent). A restarted agent re-adopts
+    /// what it finds there. Default: /sys/fs/bpf/wisp.
+    #[serde(default)]
+    pub pin_path: Option<PathBuf>,
+    /// On SIGINT/SIGTERM, leave the programs attached and pinned so pods stay
+    /// steered across an agent upgrade (DaemonSet). Default false: the agent
+    /// detaches and unpins everything it attached.
+    #[serde(default)]
+    pub keep_on_exit: bool,
 }
 
 impl Config {
@@ -223,6 +267,20 @@ impl Config {
                 ));
             }
         }
+        if let Some(v6) = &self.outbound.redirect_address_v6 {
+            self.redirect_target_v6().map_err(|message| {
+                invalid(v6.line, "outbound.redirect_address_v6".into(), message)
+            })?;
+        }
+        for (i, service) in self.services.iter().enumerate() {
+            service
+                .check(i, &self.services[..i])
+                .map_err(|(line, field, message)| invalid(line, field, message))?;
+        }
+        for (i, rule) in self.policy.iter().enumerate() {
+            rule.check(i, &self.workloads)
+                .map_err(|(line, field, message)| invalid(line, field, message))?;
+        }
         for (i, workload) in self.workloads.iter().enumerate() {
             let netns = &workload.netns;
             if !netns.value.exists() {
@@ -241,6 +299,30 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where the kernel rewrites steered IPv6 connects to, if anywhere.
+    pub fn redirect_target_v6(&self) -> Result<Option<std::net::SocketAddrV6>, String> {
+        let Some(v6) = &self.outbound.redirect_address_v6 else {
+            return Ok(None);
+        };
+        let ip = v6.value;
+        let listen = self.outbound.listen.value;
+        if ip.is_unspecified() || ip.is_loopback() || ip.to_ipv4_mapped().is_some() {
+            return Err(format!(
+                "{ip}: use an IPv6 address of this node that pods can reach (not ::, ::1 or IPv4-mapped)"
+            ));
+        }
+        match listen.ip() {
+            IpAddr::V6(l) if l.is_unspecified() || l == ip => {}
+            _ => {
+                return Err(format!(
+                    "outbound.listen ({listen}) does not accept IPv6 on {ip}; listen on [::]:{} (dual stack)",
+                    listen.port()
+                ));
+            }
+        }
+        Ok(Some(std::net::SocketAddrV6::new(ip, listen.port(), 0, 0)))
     }
 
     /// The address the kernel rewrites steered connects to.
@@ -267,6 +349,35 @@ impl Config {
             return Err("0.0.0.0 cannot be connected to".into());
         }
         Ok(std::net::SocketAddrV4::new(ip, listen.port()))
+    }
+
+    fn default_drain_timeout_seconds() -> u64 {
+        20
+    }
+
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.drain_timeout_seconds)
+    }
+
+    /// Fields that differ from `new` but only take effect after a restart.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let json = |c: &Config| serde_json::to_value(c).unwrap_or_default();
+        let (old, new) = (json(self), json(new));
+        [
+            "outbound",
+            "admin",
+            "workers",
+            "workloads",
+            "ebpf",
+            "drain_timeout_seconds",
+            "access_log",
+            "policy",
+            "services",
+            "inbound",
+        ]
+        .into_iter()
+        .filter(|field| old.get(field) != new.get(field))
+        .collect()
     }
 
     /// Worker threads to start.
@@ -388,6 +499,18 @@ workloads:
   - name: self
     netns: /proc/self/ns/net
 ";
+
+    #[test]
+    fn the_example_config_parses() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/wisp.yaml"
+        ));
+        let text = std::fs::read_to_string(path).unwrap();
+        let config = Config::parse(path, &text).unwrap();
+        assert_eq!(config.outbound.ports.get(&5432), Some(&Protocol::Tcp));
+        assert_eq!(config.plugins.len(), 1);
+    }
 
     #[test]
     fn accepts_a_good_config_and_resolves_module_paths() {

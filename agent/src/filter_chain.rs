@@ -2,12 +2,19 @@
 //! in order on request headers and in reverse order on response headers, as
 //! Envoy's HTTP filter manager does.
 //!
-//! A plugin that fails (a trap or a host error) gives the request its failure
-//! policy — FAIL_CLOSED answers 503, FAIL_OPEN skips the plugin — and its
-//! instance is thrown away and re-created for the next request, since a
-//! trapped instance's memory can no longer be trusted.
+//! Each plugin runs under a [`Supervisor`] with its failure policy, as in
+//! Envoy: a plugin that fails (a trap, a deadline, a host error) gives the
+//! request its policy — FAIL_CLOSED and FAIL_RELOAD answer 503, FAIL_OPEN
+//! skips the plugin — and its instance is thrown away, since a trapped
+//! instance's memory can no longer be trusted. FAIL_RELOAD re-creates it
+//! with jittered backoff until a crash-loop limit; the other policies keep
+//! applying to later requests until the configuration is reloaded.
 
-use wisp_wasm_host::{Action, FailurePolicy, HttpStream, LocalResponse, Plugin, PluginInstance};
+use std::time::Instant;
+
+use wisp_wasm_host::{
+    Action, Embedder, FailureAction, HttpStream, LocalResponse, Plugin, Supervisor,
+};
 
 use crate::metrics::{Metrics, PluginLabels};
 
@@ -15,9 +22,7 @@ use crate::metrics::{Metrics, PluginLabels};
 pub const WASM_FAIL_DETAILS: &str = "wasm_fail_stream";
 
 struct Slot {
-    plugin: Plugin,
-    /// `None` after a failure until re-created.
-    instance: Option<PluginInstance>,
+    supervisor: Supervisor,
 }
 
 pub struct FilterChain {
@@ -47,8 +52,7 @@ impl FilterChain {
             .iter()
             .map(|plugin| {
                 Ok(Slot {
-                    instance: Some(plugin.instantiate()?),
-                    plugin: plugin.clone(),
+                    supervisor: Supervisor::new(plugin.clone(), Embedder::default())?,
                 })
             })
             .collect::<Result<_, wisp_wasm_host::Error>>()?;
@@ -70,11 +74,19 @@ impl FilterChain {
     ) -> RequestVerdict {
         contexts.ids.resize(self.slots.len(), None);
         for (index, slot) in self.slots.iter_mut().enumerate() {
-            let result = slot.instance_mut().and_then(|instance| {
-                let id = instance.create_http_context()?;
+            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+                match slot.unavailable(metrics) {
+                    Some(response) => return RequestVerdict::Respond(response),
+                    None => continue,
+                }
+            };
+            let result = instance.create_http_context().and_then(|id| {
                 contexts.ids[index] = Some(id);
                 instance.on_request_headers(id, stream, end_of_stream)
             });
+            if result.is_ok() {
+                slot.supervisor.on_success();
+            }
             match result {
                 Ok(_) if stream.local_response.is_some() => {
                     metrics.local_responses.get_or_create(&slot.labels()).inc();
@@ -87,7 +99,7 @@ impl FilterChain {
                     // arrive with the complete host; until then nothing could
                     // ever resume it, so fail it rather than hang.
                     tracing::warn!(
-                        plugin = slot.plugin.config().name,
+                        plugin = slot.supervisor.plugin().name(),
                         "plugin paused request headers without a local response; pausing is not supported yet"
                     );
                     return RequestVerdict::Respond(plugin_failure_response(
@@ -120,9 +132,12 @@ impl FilterChain {
             let Some(id) = contexts.ids.get(index).copied().flatten() else {
                 continue;
             };
-            let result = slot
-                .instance_mut()
-                .and_then(|instance| instance.on_response_headers(id, stream, end_of_stream));
+            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+                // The instance that held this context is gone.
+                contexts.ids[index] = None;
+                continue;
+            };
+            let result = instance.on_response_headers(id, stream, end_of_stream);
             if let Err(error) = result {
                 contexts.ids[index] = None;
                 if let Some(response) = slot.fail(error, metrics) {
@@ -139,10 +154,10 @@ impl FilterChain {
             let (Some(id), Some(slot)) = (id, self.slots.get_mut(index)) else {
                 continue;
             };
-            let result = slot
-                .instance_mut()
-                .and_then(|instance| instance.finish_http_context(id, stream));
-            if let Err(error) = result {
+            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+                continue;
+            };
+            if let Err(error) = instance.finish_http_context(id, stream) {
                 // The response is already on its way; only the instance pays.
                 let _ = slot.fail(error, metrics);
             }
@@ -153,32 +168,32 @@ impl FilterChain {
 impl Slot {
     fn labels(&self) -> PluginLabels {
         PluginLabels {
-            plugin: self.plugin.config().name.clone(),
+            plugin: self.supervisor.plugin().name().to_owned(),
         }
     }
 
-    /// The live instance, re-created if an earlier failure discarded it.
-    fn instance_mut(&mut self) -> Result<&mut PluginInstance, wisp_wasm_host::Error> {
-        if self.instance.is_none() {
-            tracing::info!(
-                plugin = self.plugin.config().name,
-                "re-creating plugin instance"
-            );
-            self.instance = Some(self.plugin.instantiate()?);
-        }
-        Ok(self.instance.as_mut().expect("just set"))
-    }
-
-    /// Applies the failure policy; returns the response to send for
-    /// FAIL_CLOSED, `None` when the request continues without the plugin.
+    /// Applies the failure policy after a failed call; returns the response
+    /// to send, or `None` when the request continues without the plugin.
     fn fail(&mut self, error: wisp_wasm_host::Error, metrics: &Metrics) -> Option<LocalResponse> {
-        let policy = self.plugin.config().failure_policy;
-        tracing::error!(plugin = self.plugin.config().name, ?policy, %error, "plugin failed");
         metrics.plugin_failures.get_or_create(&self.labels()).inc();
-        self.instance = None;
-        match policy {
-            FailurePolicy::FailOpen => None,
-            FailurePolicy::FailClosed => Some(plugin_failure_response(503, WASM_FAIL_DETAILS)),
+        let action = self.supervisor.on_failure(&error, Instant::now());
+        self.respond(action)
+    }
+
+    /// The policy for a request that finds no instance (failed, waiting for
+    /// its reload backoff, or stopped as crash-looping).
+    fn unavailable(&mut self, metrics: &Metrics) -> Option<LocalResponse> {
+        metrics
+            .plugin_unavailable
+            .get_or_create(&self.labels())
+            .inc();
+        self.respond(self.supervisor.failure_action())
+    }
+
+    fn respond(&self, action: FailureAction) -> Option<LocalResponse> {
+        match action {
+            FailureAction::PassThrough => None,
+            FailureAction::Reject => Some(plugin_failure_response(503, WASM_FAIL_DETAILS)),
         }
     }
 }

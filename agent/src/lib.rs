@@ -7,11 +7,18 @@
 //! original destinations), [`worker`] (threads and listeners),
 //! [`http_proxy`] (one connection's requests), [`filter_chain`] (the plugins),
 //! [`metrics`] and [`admin`].
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod ebpf;
 pub mod filter_chain;
 pub mod http_proxy;
+pub mod listener;
 pub mod metrics;
+pub mod reload;
+pub mod sniff;
+pub mod tcp_proxy;
+pub mod tls;
+pub mod upstream;
 pub mod worker;

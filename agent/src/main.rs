@@ -32,10 +32,148 @@ enum Command {
         /// The YAML file to check.
         config: PathBuf,
     },
+    /// Quick mode: one listener without eBPF, as a sidecar or a gateway.
+    Proxy(Box<ProxyArgs>),
+    /// The kernel side on this node: what is attached and pinned, and
+    /// removing it.
+    #[command(subcommand)]
+    Ebpf(wisp_agent::ebpf::cli::EbpfCommand),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Address to accept connections on.
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Where connections go: ADDR:PORT, or `original-dst` for the destination
+    /// iptables REDIRECT recorded (sidecar capture).
+    #[arg(long)]
+    upstream: wisp_agent::app::Upstream,
+    /// A Proxy-Wasm plugin (.wasm); repeat for a chain, in order.
+    #[arg(long = "plugin", value_name = "FILE.wasm")]
+    plugins: Vec<PathBuf>,
+    /// Configuration of the preceding --plugin (PLUGIN_CONFIGURATION).
+    #[arg(long = "plugin-config", value_name = "STRING")]
+    plugin_configs: Vec<String>,
+    /// Root id of the preceding --plugin.
+    #[arg(long = "root-id", value_name = "ID")]
+    root_ids: Vec<String>,
+    /// Failure policy for all plugins: FAIL_CLOSED (default), FAIL_OPEN or FAIL_RELOAD.
+    #[arg(long, default_value = "FAIL_CLOSED", value_parser = wisp_agent::app::parse_failure_policy)]
+    failure_policy: wisp_wasm_host::FailurePolicy,
+    /// Protocol: auto (detect), http1, http2 or tcp.
+    #[arg(long, default_value = "auto", value_parser = parse_protocol)]
+    protocol: wisp_agent::listener::Protocol,
+    /// Worker threads (default: the number of CPUs).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Admin listener (/metrics, /ready, /config_dump, /plugins).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin: std::net::SocketAddr,
+    /// Seconds in-flight connections get to finish on SIGTERM.
+    #[arg(long, default_value_t = 20)]
+    drain_timeout_seconds: u64,
+    /// Terminate TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mTLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Originate TLS to the upstream, verifying it against this CA (PEM).
+    #[arg(long, requires = "upstream_sni")]
+    upstream_tls_ca: Option<PathBuf>,
+    /// Server name to send to and verify on the upstream.
+    #[arg(long, requires = "upstream_tls_ca")]
+    upstream_sni: Option<String>,
+    /// Client certificate (PEM) for mTLS to the upstream; needs --upstream-client-key.
+    #[arg(long, requires_all = ["upstream_client_key", "upstream_tls_ca"])]
+    upstream_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --upstream-client-cert.
+    #[arg(long, requires = "upstream_client_cert")]
+    upstream_client_key: Option<PathBuf>,
+    /// Append one JSON line per HTTP request to this file.
+    #[arg(long)]
+    access_log: Option<PathBuf>,
+}
+
+fn parse_protocol(text: &str) -> Result<wisp_agent::listener::Protocol, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_owned()))
+        .map_err(|_| format!("{text:?}: expected auto, http1, http2 or tcp"))
+}
+
+impl ProxyArgs {
+    fn into_quick_mode(self) -> Result<wisp_agent::app::QuickMode, String> {
+        if self.plugin_configs.len() > self.plugins.len()
+            || self.root_ids.len() > self.plugins.len()
+        {
+            return Err(
+                "--plugin-config and --root-id each belong to a --plugin given before them".into(),
+            );
+        }
+        if self.workers == Some(0) {
+            return Err("--workers must be at least 1".into());
+        }
+        let plugins = self
+            .plugins
+            .iter()
+            .enumerate()
+            .map(|(i, module)| wisp_agent::app::PluginSource {
+                module: module.clone(),
+                config: wisp_wasm_host::PluginConfig {
+                    name: module.file_stem().map_or_else(
+                        || format!("plugin-{i}"),
+                        |s| s.to_string_lossy().into_owned(),
+                    ),
+                    root_id: self.root_ids.get(i).cloned().unwrap_or_default(),
+                    configuration: self
+                        .plugin_configs
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_bytes(),
+                    failure_policy: self.failure_policy,
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(wisp_agent::app::QuickMode {
+            listen: self.listen,
+            upstream: self.upstream,
+            protocol: self.protocol,
+            plugins,
+            workers: self.workers.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }),
+            admin: self.admin,
+            drain_timeout: std::time::Duration::from_secs(self.drain_timeout_seconds),
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(wisp_agent::tls::ServerTls {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                }),
+                _ => None,
+            },
+            upstream_tls: match (self.upstream_tls_ca, self.upstream_sni) {
+                (Some(ca), Some(server_name)) => Some(wisp_agent::tls::UpstreamTls {
+                    ca,
+                    server_name,
+                    client_cert: self.upstream_client_cert.zip(self.upstream_client_key),
+                }),
+                _ => None,
+            },
+            access_log: self.access_log,
+        })
+    }
 }
 
 /// `sysexits.h` EX_CONFIG: the configuration is wrong.
 const EXIT_CONFIG: u8 = 78;
+/// `sysexits.h` EX_USAGE: the command line is wrong.
+const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -47,9 +185,32 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let config_path = match &cli.command {
-        Command::Run { config } | Command::CheckConfig { config } => config,
+    let config_path = match cli.command {
+        Command::Run { ref config } | Command::CheckConfig { ref config } => config.clone(),
+        Command::Proxy(args) => {
+            let quick = match (*args).into_quick_mode() {
+                Ok(quick) => quick,
+                Err(error) => {
+                    eprintln!("wisp proxy: {error}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            return exit(wisp_agent::app::proxy(quick));
+        }
+        Command::Ebpf(command) => {
+            return match wisp_agent::ebpf::cli::run(&command) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("wisp ebpf: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
+    let config_path = &config_path;
     let config = match Config::load(config_path) {
         Ok(config) => config,
         Err(error) => {
@@ -58,8 +219,12 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { .. } => wisp_agent::app::run(config),
-        Command::CheckConfig { .. } => wisp_agent::app::compile_plugins(&config).map(|plugins| {
+        Command::Run { .. } => wisp_agent::app::run(config, config_path.clone()),
+        Command::Proxy(_) | Command::Ebpf(_) => unreachable!("handled above"),
+        Command::CheckConfig { .. } => wisp_agent::app::compile_plugins(
+            &wisp_agent::app::plugin_sources(&config),
+        )
+        .map(|plugins| {
             println!(
                 "{}: ok ({} plugin(s), {} workload(s))",
                 config_path.display(),
@@ -68,6 +233,10 @@ fn main() -> ExitCode {
             );
         }),
     };
+    exit(result)
+}
+
+fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

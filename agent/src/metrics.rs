@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
@@ -26,13 +26,34 @@ pub struct PluginLabels {
     pub plugin: String,
 }
 
+/// Labels of an accepted connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub listener: String,
+    /// `http1`, `http2` or `tcp`: what the connection was served as.
+    pub protocol: String,
+}
+
+/// Labels of a configuration reload.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `applied` or `rejected`.
+    pub result: String,
+}
+
 /// Metrics updated on the request path; cheap to share between workers.
 pub struct Metrics {
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    pub connections: Family<ConnectionLabels, Counter>,
+    pub tcp_bytes_sent: Counter,
+    pub tcp_bytes_received: Counter,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<PluginLabels, Histogram, fn() -> Histogram>,
     pub local_responses: Family<PluginLabels, Counter>,
     pub plugin_failures: Family<PluginLabels, Counter>,
+    pub plugin_unavailable: Family<PluginLabels, Counter>,
     pub upstream_connect_errors: Counter,
+    pub tls_handshake_errors: Counter,
     pub unsteered_connections: Counter,
 }
 
@@ -44,13 +65,39 @@ fn duration_histogram() -> Histogram {
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Metrics {
         let metrics = Metrics {
+            config_reloads: Family::default(),
+            connections: Family::default(),
+            tcp_bytes_sent: Counter::default(),
+            tcp_bytes_received: Counter::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(duration_histogram),
             local_responses: Family::default(),
             plugin_failures: Family::default(),
+            plugin_unavailable: Family::default(),
             upstream_connect_errors: Counter::default(),
+            tls_handshake_errors: Counter::default(),
             unsteered_connections: Counter::default(),
         };
+        registry.register(
+            "wisp_config_reloads",
+            "Configuration reloads (SIGHUP or file change), by result",
+            metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "wisp_downstream_connections",
+            "Connections accepted, by listener and the protocol they were served as",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "wisp_tcp_sent_bytes",
+            "Bytes passed through from downstream to upstream on TCP (non-HTTP) connections",
+            metrics.tcp_bytes_sent.clone(),
+        );
+        registry.register(
+            "wisp_tcp_received_bytes",
+            "Bytes passed through from upstream to downstream on TCP (non-HTTP) connections",
+            metrics.tcp_bytes_received.clone(),
+        );
         registry.register(
             "wisp_http_requests",
             "HTTP requests proxied, by source workload and response code",
@@ -73,9 +120,19 @@ impl Metrics {
             metrics.plugin_failures.clone(),
         );
         registry.register(
+            "wisp_wasm_plugin_unavailable",
+            "Requests that found no live instance of the plugin (failed, waiting to reload, or crash-looping) and got its failure policy",
+            metrics.plugin_unavailable.clone(),
+        );
+        registry.register(
             "wisp_upstream_connect_errors",
             "Connections to an original destination that could not be opened",
             metrics.upstream_connect_errors.clone(),
+        );
+        registry.register(
+            "wisp_tls_handshake_errors",
+            "Downstream TLS handshakes that failed or timed out (bad certificate, no client certificate under mTLS, …)",
+            metrics.tls_handshake_errors.clone(),
         );
         registry.register(
             "wisp_unsteered_connections",
@@ -96,38 +153,8 @@ impl std::fmt::Debug for KernelCounters {
 }
 
 impl Collector for KernelCounters {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let counters = self.0.workload_counters();
-        type Pick = fn(&wisp_common::WorkloadCounters) -> u64;
-        let series: [(&str, &str, Pick); 3] = [
-            (
-                "wisp_kernel_connects_redirected",
-                "TCP connects of the workload that the kernel steered to the agent",
-                |c| c.connects_redirected,
-            ),
-            (
-                "wisp_kernel_connects_passed",
-                "Connects of the workload the kernel left alone (not TCP, loopback, or already to the agent)",
-                |c| c.connects_passed,
-            ),
-            (
-                "wisp_kernel_connections_established",
-                "Steered connections whose original destination was recorded for the agent",
-                |c| c.connections_established,
-            ),
-        ];
-        for (name, help, pick) in series {
-            let mut family = encoder.encode_descriptor(
-                name,
-                help,
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (workload, values) in &counters {
-                let labels = [("workload", workload.name.as_str())];
-                ConstCounter::new(pick(values)).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        Ok(())
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        // Per workload, per program and per policy rule: see ebpf::metrics.
+        crate::ebpf::metrics::encode(&self.0, encoder)
     }
 }

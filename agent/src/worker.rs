@@ -1,21 +1,27 @@
 //! Worker threads, as in Envoy's threading model: each worker has its own
-//! single-threaded tokio runtime, its own `SO_REUSEPORT` listener on the
-//! outbound address (the kernel spreads new connections across them), and its
-//! own instance of every plugin, so the request path shares nothing mutable
+//! single-threaded tokio runtime, its own `SO_REUSEPORT` socket on every
+//! listener (the kernel spreads new connections across them), and its own
+//! instance of every plugin, so the request path shares nothing mutable
 //! between threads.
 
-use std::cell::RefCell;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 use wisp_wasm_host::Plugin;
 
+use crate::access_log::AccessLog;
 use crate::ebpf::Dataplane;
 use crate::filter_chain::FilterChain;
-use crate::http_proxy::{ConnectionProxy, SteeredConnection};
-use crate::metrics::Metrics;
+use crate::http_proxy::{ConnectionInfo, HttpWorker};
+use crate::listener::{Destination, ListenerSpec, Protocol};
+use crate::metrics::{ConnectionLabels, Metrics};
+use crate::tls::TlsInfo;
+use crate::upstream::Upstreams;
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -34,23 +40,34 @@ pub enum WorkerError {
         index: usize,
         source: std::io::Error,
     },
+    #[error("worker {index}: {source}")]
+    Tls {
+        index: usize,
+        source: crate::tls::TlsError,
+    },
     #[error("worker {0} exited before it was ready")]
     Exited(usize),
 }
 
-/// Where workers find the original destination of what they accept. Set once
-/// the kernel programs are attached (workers start before that, so steered
-/// connections never meet a closed port).
+/// Where workers find the original destination of steered connections. Set
+/// once the kernel programs are attached (workers start before that, so
+/// steered connections never meet a closed port).
 pub type DataplaneCell = Arc<std::sync::OnceLock<Arc<Dataplane>>>;
 
 /// Everything a worker needs; cloned into each thread.
 #[derive(Clone)]
 pub struct WorkerContext {
-    pub listen: SocketAddr,
-    pub plugins: Arc<Vec<Plugin>>,
+    pub listeners: Arc<Vec<ListenerSpec>>,
+    /// The plugins of the filter chain; a config reload sends new ones.
+    pub plugins: watch::Receiver<Arc<Vec<Plugin>>>,
     pub dataplane: DataplaneCell,
     pub metrics: Arc<Metrics>,
+    /// Becomes `true` on shutdown: stop accepting, finish what is in flight.
     pub shutdown: watch::Receiver<bool>,
+    /// How long in-flight connections may take to finish after shutdown.
+    pub drain_timeout: Duration,
+    /// The shared access log file, if one is configured.
+    pub access_log: Option<Arc<std::fs::File>>,
 }
 
 pub struct Workers {
@@ -100,12 +117,41 @@ fn run_worker(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
-        let setup = listen(context.listen).and_then(|listener| {
-            let chain = FilterChain::new(&context.plugins)
+        let setup = (|| {
+            let sockets = context
+                .listeners
+                .iter()
+                .map(|spec| listen(spec.addr))
+                .collect::<Result<Vec<_>, _>>()?;
+            let tls_err = |source| WorkerError::Tls { index, source };
+            let acceptors = context
+                .listeners
+                .iter()
+                .map(|spec| {
+                    spec.tls
+                        .as_ref()
+                        .map(|tls| tls.acceptor())
+                        .transpose()
+                        .map_err(tls_err)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let upstreams = context
+                .listeners
+                .iter()
+                .map(|spec| Upstreams::new(spec.upstream_tls.as_ref()).map_err(tls_err))
+                .collect::<Result<Vec<_>, _>>()?;
+            let access_log = context
+                .access_log
+                .as_deref()
+                .map(AccessLog::for_worker)
+                .transpose()
+                .map_err(|source| WorkerError::Runtime { index, source })?;
+            let plugins = context.plugins.borrow().clone();
+            let chain = FilterChain::new(&plugins)
                 .map_err(|source| WorkerError::Plugin { index, source })?;
-            Ok((listener, chain))
-        });
-        let (listener, chain) = match setup {
+            Ok((sockets, acceptors, upstreams, access_log, chain))
+        })();
+        let (sockets, acceptors, upstreams, access_log, chain) = match setup {
             Ok(ok) => ok,
             Err(error) => {
                 let _ = ready.send(Err(error));
@@ -113,8 +159,85 @@ fn run_worker(
             }
         };
         let _ = ready.send(Ok(()));
-        accept_loop(listener, Rc::new(RefCell::new(chain)), context).await;
+        let http = Rc::new(HttpWorker::new(
+            chain,
+            context.metrics.clone(),
+            upstreams,
+            access_log,
+        ));
+        tokio::task::spawn_local(follow_plugin_updates(index, http.clone(), context.clone()));
+        let connections = TaskTracker::new();
+        let accepting: Vec<_> = context
+            .listeners
+            .iter()
+            .cloned()
+            .zip(sockets)
+            .zip(acceptors)
+            .enumerate()
+            .map(|(listener_index, ((spec, socket), tls))| {
+                let listener = Listener {
+                    index: listener_index,
+                    spec,
+                    socket,
+                    tls,
+                };
+                tokio::task::spawn_local(accept_loop(
+                    listener,
+                    http.clone(),
+                    connections.clone(),
+                    context.clone(),
+                ))
+            })
+            .collect();
+        for task in accepting {
+            let _ = task.await;
+        }
+        drain(connections, context.drain_timeout).await;
     });
+}
+
+/// Swaps in a new filter chain whenever the plugins change (config reload).
+/// Requests already running finish on the chain they started with.
+async fn follow_plugin_updates(index: usize, http: Rc<HttpWorker>, mut context: WorkerContext) {
+    loop {
+        tokio::select! {
+            changed = context.plugins.changed() => if changed.is_err() { return },
+            _ = context.shutdown.wait_for(|stop| *stop) => return,
+        }
+        let plugins = context.plugins.borrow_and_update().clone();
+        match FilterChain::new(&plugins) {
+            Ok(chain) => {
+                http.replace_chain(chain);
+                tracing::info!(
+                    worker = index,
+                    plugins = plugins.len(),
+                    "new filter chain in use"
+                );
+            }
+            // The main thread validated these plugins on a canary instance,
+            // so this is rare (e.g. out of memory); keep serving on the old.
+            Err(error) => {
+                tracing::error!(worker = index, %error, "cannot instantiate the new plugins; keeping the old chain")
+            }
+        }
+    }
+}
+
+/// Waits for in-flight connections after shutdown, up to `timeout`.
+async fn drain(connections: TaskTracker, timeout: Duration) {
+    connections.close();
+    let waiting = connections.len();
+    if waiting == 0 {
+        return;
+    }
+    match tokio::time::timeout(timeout, connections.wait()).await {
+        Ok(()) => tracing::info!(connections = waiting, "drained in-flight connections"),
+        Err(_) => tracing::warn!(
+            remaining = connections.len(),
+            ?timeout,
+            "drain deadline passed; closing the remaining connections"
+        ),
+    }
 }
 
 fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener, WorkerError> {
@@ -133,55 +256,161 @@ fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener, WorkerError> {
     tokio::net::TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// Accepts until shutdown; connections run as local tasks tracked by
+/// `connections` so the worker can drain them.
+/// One of a worker's listening sockets and what it serves.
+struct Listener {
+    index: usize,
+    spec: ListenerSpec,
+    socket: tokio::net::TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
 async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    chain: Rc<RefCell<FilterChain>>,
+    listener: Listener,
+    http: Rc<HttpWorker>,
+    connections: TaskTracker,
     mut context: WorkerContext,
 ) {
+    let listener = Rc::new(listener);
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = context.shutdown.changed() => break,
+            accepted = listener.socket.accept() => accepted,
+            _ = context.shutdown.wait_for(|stop| *stop) => break,
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let Some(conn) = steered_connection(&stream, peer, &context) else {
-            context.metrics.unsteered_connections.inc();
-            tracing::warn!(%peer, "closing a connection the kernel did not steer: its original destination is unknown");
+        let Some(conn) = connection_info(&listener.spec, listener.index, &stream, peer, &context)
+        else {
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let proxy = ConnectionProxy::new(conn, chain.clone(), context.metrics.clone());
-        tokio::task::spawn_local(proxy.serve(stream));
+        connections.spawn_local(serve_connection(
+            listener.clone(),
+            conn,
+            stream,
+            http.clone(),
+            context.clone(),
+        ));
     }
 }
 
-/// Recovers where an accepted connection was going, from the record the
-/// kernel programs made when they steered it.
-fn steered_connection(
+async fn serve_connection(
+    listener: Rc<Listener>,
+    mut conn: ConnectionInfo,
+    stream: tokio::net::TcpStream,
+    http: Rc<HttpWorker>,
+    context: WorkerContext,
+) {
+    let spec = &listener.spec;
+    let configured = spec.protocol_for(conn.destination);
+    // A TLS listener terminates TLS for everything but ports set to `tcp`,
+    // whose bytes pass through untouched.
+    if let (Some(acceptor), false) = (&listener.tls, configured == Protocol::Tcp) {
+        let handshake =
+            tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+        let tls_stream = match handshake {
+            Ok(Ok(tls_stream)) => tls_stream,
+            Ok(Err(error)) => {
+                context.metrics.tls_handshake_errors.inc();
+                tracing::info!(peer = %conn.peer, %error, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                context.metrics.tls_handshake_errors.inc();
+                tracing::info!(peer = %conn.peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let info = TlsInfo::from_connection(tls_stream.get_ref().1);
+        let served_as = if info.alpn.as_deref() == Some(b"h2") {
+            "https2"
+        } else {
+            "https"
+        };
+        count_connection(&context, spec, served_as);
+        conn.tls = Some(info);
+        return crate::http_proxy::serve(http, conn, tls_stream, context.shutdown.clone()).await;
+    }
+    let protocol = match configured {
+        Protocol::Auto => crate::sniff::detect(&stream).await,
+        configured => configured,
+    };
+    let served_as = match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Http2 => "http2",
+        Protocol::Http1 | Protocol::Auto => "http1",
+    };
+    count_connection(&context, spec, served_as);
+    match protocol {
+        Protocol::Tcp => crate::tcp_proxy::serve(stream, conn.destination, &context.metrics).await,
+        _ => crate::http_proxy::serve(http, conn, stream, context.shutdown.clone()).await,
+    }
+}
+
+fn count_connection(context: &WorkerContext, spec: &ListenerSpec, served_as: &str) {
+    context
+        .metrics
+        .connections
+        .get_or_create(&ConnectionLabels {
+            listener: spec.name.clone(),
+            protocol: served_as.to_owned(),
+        })
+        .inc();
+}
+
+/// Where an accepted connection is going and who sent it; `None` (after
+/// logging and counting) when that cannot be known.
+fn connection_info(
+    spec: &ListenerSpec,
+    listener_index: usize,
     stream: &tokio::net::TcpStream,
     peer: SocketAddr,
     context: &WorkerContext,
-) -> Option<SteeredConnection> {
-    let dataplane = context.dataplane.get()?;
-    let (SocketAddr::V4(peer_v4), Ok(SocketAddr::V4(local))) = (peer, stream.local_addr()) else {
-        return None;
-    };
-    let (original_dst, slot): (SocketAddrV4, u32) = dataplane.take_original_dst(peer_v4, local)?;
-    let source_workload = dataplane
-        .workloads()
-        .get(slot as usize)
-        .map_or_else(|| format!("slot-{slot}"), |w| w.name.clone());
-    Some(SteeredConnection {
+) -> Option<ConnectionInfo> {
+    let info = |destination, source_workload| ConnectionInfo {
+        listener: spec.name.clone(),
+        listener_index,
+        tls: None,
         peer,
-        original_dst: SocketAddr::V4(original_dst),
+        destination,
         source_workload,
-    })
+    };
+    match &spec.destination {
+        Destination::Fixed(upstream) => Some(info(*upstream, "unknown".to_owned())),
+        Destination::OriginalDst => match crate::listener::original_dst(stream) {
+            Ok(destination) => Some(info(destination, "unknown".to_owned())),
+            Err(error) => {
+                context.metrics.unsteered_connections.inc();
+                tracing::warn!(%peer, %error, "closing a connection without SO_ORIGINAL_DST (was it redirected by iptables?)");
+                None
+            }
+        },
+        Destination::Steered => {
+            let steered = context.dataplane.get().and_then(|dataplane| {
+                let local = stream.local_addr().ok()?;
+                let (destination, slot) = dataplane.take_original_dst(peer, local)?;
+                let workload = dataplane
+                    .workloads()
+                    .get(slot as usize)
+                    .map_or_else(|| format!("slot-{slot}"), |w| w.name.clone());
+                Some((destination, workload))
+            });
+            match steered {
+                Some((destination, workload)) => Some(info(destination, workload)),
+                None => {
+                    context.metrics.unsteered_connections.inc();
+                    tracing::warn!(%peer, "closing a connection the kernel did not steer: its original destination is unknown");
+                    None
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,115 @@
+//! Hot reload of `wisp run`'s config file, on SIGHUP or when the file
+//! changes: the new file is validated, its plugins compiled and instantiated
+//! once on a canary, and only then handed to the workers, which swap their
+//! filter chains atomically — requests in flight finish on the old chain.
+//! A bad file changes nothing and is reported in the log and on `/metrics`.
+//!
+//! What a reload applies: the plugin chain (modules, configuration, failure
+//! policy, order). Listener addresses, workers, the admin address and the
+//! kernel side need a restart; a reload that changes them says so.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use wisp_wasm_host::Plugin;
+
+use crate::admin::AdminState;
+use crate::app::{compile_plugins, plugin_sources};
+use crate::config::Config;
+use crate::filter_chain::FilterChain;
+use crate::metrics::{Metrics, ReloadLabels};
+
+/// How often the config file's modification time is checked.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct Reloader {
+    pub path: PathBuf,
+    /// The config in effect.
+    pub current: Config,
+    pub plugins: watch::Sender<Arc<Vec<Plugin>>>,
+    pub admin: Arc<AdminState>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    /// Watches for SIGHUP and file changes until shutdown.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(hangup) => hangup,
+            Err(error) => {
+                tracing::error!(%error, "cannot install the SIGHUP handler; reload on file change only");
+                return;
+            }
+        };
+        let mut last_modified = modified(&self.path);
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        loop {
+            let trigger = tokio::select! {
+                _ = hangup.recv() => "SIGHUP",
+                _ = poll.tick() => {
+                    let now = modified(&self.path);
+                    if now == last_modified {
+                        continue;
+                    }
+                    last_modified = now;
+                    "file change"
+                }
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            self.reload(trigger);
+        }
+    }
+
+    fn reload(&mut self, trigger: &'static str) {
+        let result = self.try_reload();
+        let label = if result.is_ok() {
+            "applied"
+        } else {
+            "rejected"
+        };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ReloadLabels {
+                result: label.into(),
+            })
+            .inc();
+        match result {
+            Ok(plugins) => {
+                tracing::info!(trigger, path = %self.path.display(), plugins, "configuration reloaded")
+            }
+            Err(error) => tracing::error!(
+                trigger,
+                path = %self.path.display(),
+                "configuration NOT reloaded, the previous one stays in effect: {error:#}"
+            ),
+        }
+    }
+
+    fn try_reload(&mut self) -> anyhow::Result<usize> {
+        let config = Config::load(&self.path)?;
+        let plugins = compile_plugins(&plugin_sources(&config))?;
+        // The canary: if these plugins cannot start here, they would not
+        // start on any worker either.
+        FilterChain::new(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
+        for field in self.current.restart_only_changes(&config) {
+            tracing::warn!(
+                field,
+                "changed in the file, but applies only after a restart"
+            );
+        }
+        let count = plugins.len();
+        self.plugins.send_replace(Arc::new(plugins));
+        if let Ok(mut dump) = self.admin.config_dump.write() {
+            *dump = serde_json::to_value(&config).unwrap_or_default();
+        }
+        self.current = config;
+        Ok(count)
+    }
+}
+
+fn modified(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}

@@ -1,0 +1,256 @@
+//! A worker's connections to upstream destinations, pooled per destination:
+//! HTTP/1.1 through hyper-util's pooling client (keep-alive, idle timeout),
+//! HTTP/2 as one multiplexed connection per destination; plain TCP, or TLS /
+//! mTLS when the listener's upstream asks for it.
+//!
+//! HTTP/2 has its own pool because hyper-util's client dials the URI's
+//! authority, and an HTTP/2 request's `:authority` must stay what the client
+//! asked for (a service name) while the connection goes to the original
+//! destination address.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::tls::{TlsError, UpstreamTls};
+
+/// How long connecting to a destination may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle HTTP/1.1 connections are closed after this.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection failure: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Request(String),
+}
+
+/// Runs connection tasks on the worker's own thread (our futures are not
+/// `Send`); hyper's HTTP/2 needs an executor.
+#[derive(Clone, Copy, Default)]
+pub struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::task::spawn_local(future);
+    }
+}
+
+/// Opens connections to upstreams: TCP, then TLS if configured.
+#[derive(Clone)]
+pub struct Dialer {
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+}
+
+impl Dialer {
+    /// `alpn`: what to offer over TLS (`http/1.1` or `h2`).
+    pub fn new(tls: Option<&UpstreamTls>, alpn: &[u8]) -> Result<Dialer, TlsError> {
+        let tls = tls.map(|tls| tls.connector_with_alpn(alpn)).transpose()?;
+        Ok(Dialer { tls })
+    }
+
+    pub async fn dial(&self, destination: SocketAddr) -> Result<UpstreamStream, String> {
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(destination)).await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(error)) => return Err(error.to_string()),
+            Err(_) => return Err(format!("timed out after {CONNECT_TIMEOUT:?}")),
+        };
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => Ok(UpstreamStream::Plain(tcp)),
+            Some((connector, name)) => connector
+                .connect(name.clone(), tcp)
+                .await
+                .map(|tls| UpstreamStream::Tls(Box::new(tls)))
+                .map_err(|error| format!("TLS handshake with {destination}: {error}")),
+        }
+    }
+}
+
+/// A connection to an upstream, with or without TLS.
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+/// The connector the pooling HTTP/1.1 client uses: dials the URI's
+/// host:port (always an address: the destination) through the [`Dialer`].
+#[derive(Clone)]
+struct PoolConnector(Dialer);
+
+impl tower_service::Service<Uri> for PoolConnector {
+    type Response = TokioIo<UpstreamStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dialer = self.0.clone();
+        Box::pin(async move {
+            let destination: SocketAddr = uri
+                .authority()
+                .and_then(|a| a.as_str().parse().ok())
+                .ok_or_else(|| std::io::Error::other(format!("{uri} does not name an address")))?;
+            dialer
+                .dial(destination)
+                .await
+                .map(TokioIo::new)
+                .map_err(std::io::Error::other)
+        })
+    }
+}
+
+pub struct Upstreams {
+    http1: Client<PoolConnector, Incoming>,
+    http2_dialer: Dialer,
+    http2: RefCell<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+}
+
+impl Upstreams {
+    /// Connection pools for one listener's upstreams, with TLS if `tls`.
+    pub fn new(tls: Option<&UpstreamTls>) -> Result<Upstreams, TlsError> {
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            // We set Host from the request's :authority ourselves.
+            .set_host(false)
+            .build(PoolConnector(Dialer::new(tls, b"http/1.1")?));
+        Ok(Upstreams {
+            http1,
+            http2_dialer: Dialer::new(tls, b"h2")?,
+            http2: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Sends `request` to `destination` in the request's HTTP version. For
+    /// HTTP/1.1 the request URI must be `http://<destination><path>`.
+    pub async fn send(
+        &self,
+        destination: SocketAddr,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if request.version() != Version::HTTP_2 {
+            return self.http1.request(request).await.map_err(|error| {
+                let text = error_chain(&error);
+                if error.is_connect() {
+                    UpstreamError::Connect(text)
+                } else {
+                    UpstreamError::Request(text)
+                }
+            });
+        }
+        let mut sender = self.http2_connection(destination).await?;
+        let result = sender.send_request(request).await;
+        result.map_err(|error| UpstreamError::Request(error_chain(&error)))
+    }
+
+    /// The pooled HTTP/2 connection to `destination`, opened if needed.
+    async fn http2_connection(
+        &self,
+        destination: SocketAddr,
+    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+        let existing = self.http2.borrow().get(&destination).cloned();
+        if let Some(sender) = existing
+            && !sender.is_closed()
+        {
+            return Ok(sender);
+        }
+        let stream = self
+            .http2_dialer
+            .dial(destination)
+            .await
+            .map_err(UpstreamError::Connect)?;
+        let (sender, connection) = http2::Builder::new(LocalExec)
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|error| UpstreamError::Connect(error_chain(&error)))?;
+        tokio::task::spawn_local(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%destination, %error, "upstream HTTP/2 connection ended");
+            }
+        });
+        self.http2.borrow_mut().insert(destination, sender.clone());
+        Ok(sender)
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
