@@ -45,9 +45,14 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// The YAML `wisp run --config` reads.
     pub fn to_yaml(&self) -> String {
+        // Each test agent pins its programs in a directory of its own, so
+        // agents running at the same time never adopt each other's state.
         let mut yaml = format!(
-            "outbound:\n  listen: {}\nadmin:\n  listen: {}\nworkers: {}\n",
-            self.listen, self.admin, self.workers
+            "outbound:\n  listen: {}\nadmin:\n  listen: {}\nworkers: {}\nebpf:\n  pin_path: {}\n",
+            self.listen,
+            self.admin,
+            self.workers,
+            test_pin_path(self.listen.port()).display()
         );
         yaml.push_str("plugins:\n");
         for p in &self.plugins {
@@ -80,24 +85,74 @@ pub struct Agent {
 impl Agent {
     /// Writes the config to a fresh directory and starts `wisp run` on it.
     pub fn start(wisp_bin: &Path, config: &AgentConfig) -> Result<Agent, AgentError> {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("wisp-agent-{}-{n}", std::process::id()));
-        let io = |what: &str| {
-            let what = what.to_owned();
-            move |source| AgentError::Io { what, source }
-        };
-        std::fs::create_dir_all(&dir).map_err(io("creating the agent's directory"))?;
+        Agent::start_yaml(wisp_bin, &config.to_yaml(), config.admin)
+    }
+
+    /// Starts `wisp run` on a config written by the caller; `admin` must be
+    /// its `admin.listen`.
+    pub fn start_yaml(wisp_bin: &Path, yaml: &str, admin: SocketAddr) -> Result<Agent, AgentError> {
+        let dir = fresh_dir()?;
+        let config_path = dir.join("wisp.yaml");
+        std::fs::write(&config_path, yaml).map_err(io("writing wisp.yaml"))?;
+        let mut command = std::process::Command::new(wisp_bin);
+        command.args(["run", "--config"]).arg(&config_path);
+        Agent::spawn(command, dir, admin)
+    }
+
+    /// Starts `wisp proxy ARGS…` (quick mode); `admin` must match `--admin`.
+    pub fn start_proxy(
+        wisp_bin: &Path,
+        args: &[String],
+        admin: SocketAddr,
+    ) -> Result<Agent, AgentError> {
+        let mut command = std::process::Command::new(wisp_bin);
+        command.arg("proxy").args(args);
+        Agent::spawn(command, fresh_dir()?, admin)
+    }
+
+    /// Like [`Agent::start_proxy`], logging only warnings and errors, as the
+    /// benchmarks run Envoy.
+    pub fn start_proxy_quiet(
+        wisp_bin: &Path,
+        args: &[String],
+        admin: SocketAddr,
+    ) -> Result<Agent, AgentError> {
+        let mut command = std::process::Command::new(wisp_bin);
+        command.arg("proxy").args(args).env("WISP_LOG", "warn");
+        Agent::spawn(command, fresh_dir()?, admin)
+    }
+
+    /// Like [`Agent::start`], logging only warnings and errors (benchmarks).
+    pub fn start_quiet(wisp_bin: &Path, config: &AgentConfig) -> Result<Agent, AgentError> {
+        let dir = fresh_dir()?;
         let config_path = dir.join("wisp.yaml");
         std::fs::write(&config_path, config.to_yaml()).map_err(io("writing wisp.yaml"))?;
-        let log = std::fs::File::create(dir.join("wisp.log")).map_err(io("creating wisp.log"))?;
-        let child = std::process::Command::new(wisp_bin)
+        let mut command = std::process::Command::new(wisp_bin);
+        command
             .args(["run", "--config"])
             .arg(&config_path)
-            .env(
+            .env("WISP_LOG", "warn");
+        Agent::spawn(command, dir, config.admin)
+    }
+
+    /// Starts a prepared wisp command (e.g. one that runs inside a pod, from
+    /// [`crate::node::Pod::command`]) with its log in `dir`, and waits until
+    /// its admin listener at `admin` says ready.
+    pub fn spawn(
+        mut command: std::process::Command,
+        dir: PathBuf,
+        admin: SocketAddr,
+    ) -> Result<Agent, AgentError> {
+        let log = std::fs::File::create(dir.join("wisp.log")).map_err(io("creating wisp.log"))?;
+        // The caller may have chosen a log level (benchmarks log at warn, as
+        // Envoy does); otherwise WISP_LOG from our environment, or info.
+        if !command.get_envs().any(|(key, _)| key == "WISP_LOG") {
+            command.env(
                 "WISP_LOG",
                 std::env::var("WISP_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            );
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io("wisp.log"))?)
             .stderr(log)
@@ -106,7 +161,7 @@ impl Agent {
         let mut agent = Agent {
             child: ChildGuard::new("wisp", child),
             dir,
-            admin: config.admin,
+            admin,
         };
         agent.wait_ready(Duration::from_secs(30))?;
         Ok(agent)
@@ -135,6 +190,16 @@ impl Agent {
         self.child.pid()
     }
 
+    /// The config file `wisp run` was started with (for reload tests).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("wisp.yaml")
+    }
+
+    /// Sends `signal` to the agent (by its pid).
+    pub fn send_signal(&self, signal: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.pid() as i32), signal);
+    }
+
     /// Everything the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("wisp.log")).unwrap_or_default()
@@ -153,6 +218,13 @@ impl Agent {
         })
     }
 
+    /// SIGKILL: the agent dies without cleaning up (what a crash or an OOM
+    /// kill does). Returns how it exited.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        self.child
+            .stop_with(nix::sys::signal::Signal::SIGKILL, Duration::from_secs(10))
+    }
+
     /// SIGTERM, wait up to 10 s; returns how the agent exited.
     pub fn stop(&mut self) -> Option<ExitStatus> {
         self.child
@@ -160,11 +232,31 @@ impl Agent {
     }
 }
 
+/// A new directory for one agent's config and log.
+pub fn fresh_dir() -> Result<PathBuf, AgentError> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("wisp-agent-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(io("creating the agent's directory"))?;
+    Ok(dir)
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> AgentError {
+    let what = what.to_owned();
+    move |source| AgentError::Io { what, source }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.child.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The bpffs pin path [`AgentConfig::to_yaml`] gives the agent listening on
+/// `port`.
+pub fn test_pin_path(port: u16) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/wisp-test-{port}"))
 }
 
 /// A minimal HTTP/1.1 GET from the host namespace (for the admin listener).

@@ -2,6 +2,7 @@
 //! a JSON description of what it received — its own name, the peer address
 //! it saw, method, path and headers — so a test can tell whether a request
 //! came straight from a pod or through the agent, and what the filters did.
+//! `?delay_ms=N` delays the answer.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 
 /// Serves until the process is signalled.
 pub async fn serve(listen: SocketAddr, name: String) -> std::io::Result<()> {
@@ -20,7 +21,8 @@ pub async fn serve(listen: SocketAddr, name: String) -> std::io::Result<()> {
         let name = name.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| respond(req, peer, name.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
+            // HTTP/1.1 and HTTP/2 (prior knowledge), told apart by the preface.
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
@@ -33,6 +35,15 @@ async fn respond(
     name: String,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, body) = req.into_parts();
+    // `?delay_ms=N` holds the response back, for drain tests.
+    let delay = parts
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay_ms=")))
+        .and_then(|ms| ms.parse::<u64>().ok());
+    if let Some(ms) = delay {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let body = body
         .collect()
         .await
@@ -52,6 +63,11 @@ async fn respond(
         "server": name,
         "peer": peer.ip().to_string(),
         "method": parts.method.as_str(),
+        "version": format!("{:?}", parts.version),
+        // HTTP/1.1 carries it as Host, HTTP/2 as :authority (in the URI).
+        "authority": parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+            parts.headers.get(hyper::header::HOST).map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        }),
         "path": parts.uri.to_string(),
         "headers": headers,
         "body_bytes": body.len(),

