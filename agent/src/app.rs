@@ -229,6 +229,7 @@ fn serve(
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
         let plugin_count = spec.plugins.len();
         let (plugins_tx, plugins_rx) = tokio::sync::watch::channel(Arc::new(spec.plugins));
+        registry.register_collector(Box::new(crate::metrics::PluginCounters(plugins_rx.clone())));
         let listeners = Arc::new(spec.listeners);
         // Listen before steering anything, so a steered connect never meets
         // a closed port.

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
@@ -156,5 +156,75 @@ impl Collector for KernelCounters {
     fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // Per workload, per program and per policy rule: see ebpf::metrics.
         crate::ebpf::metrics::encode(&self.0, encoder)
+    }
+}
+
+/// The Proxy-Wasm host's per-plugin counters (instances, traps, deadlines,
+/// capability refusals, FAIL_RELOAD reloads and crash-loop stops), read on
+/// each scrape from the plugins in effect (a config reload swaps them).
+pub struct PluginCounters(pub tokio::sync::watch::Receiver<Arc<Vec<wisp_wasm_host::Plugin>>>);
+
+impl std::fmt::Debug for PluginCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PluginCounters")
+    }
+}
+
+impl Collector for PluginCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use wisp_wasm_host::PluginCounters as Host;
+        let plugins = self.0.borrow().clone();
+        type Pick = fn(&Host) -> u64;
+        let series: [(&str, &str, Pick); 7] = [
+            (
+                "wisp_wasm_instances_created",
+                "Plugin instances created (per worker, reloads and canaries included)",
+                |c| Host::get(&c.instances_created),
+            ),
+            (
+                "wisp_wasm_traps",
+                "Plugin callbacks that trapped, ran past their deadline or exited",
+                |c| Host::get(&c.runtime_failures),
+            ),
+            (
+                "wisp_wasm_deadline_exceeded",
+                "Plugin callbacks stopped at their wall-clock deadline",
+                |c| Host::get(&c.deadline_exceeded),
+            ),
+            (
+                "wisp_wasm_restricted_calls",
+                "Host and WASI calls refused by the plugin's capability allow-list",
+                |c| Host::get(&c.restricted_hostcalls) + Host::get(&c.restricted_wasi_calls),
+            ),
+            (
+                "wisp_wasm_reloads",
+                "FAIL_RELOAD: plugin instances re-created after a failure",
+                |c| Host::get(&c.reloads),
+            ),
+            (
+                "wisp_wasm_reload_failures",
+                "FAIL_RELOAD: re-creations that failed",
+                |c| Host::get(&c.reload_failures),
+            ),
+            (
+                "wisp_wasm_crash_loop_stops",
+                "FAIL_RELOAD: times the crash-loop limit stopped reloading a plugin",
+                |c| Host::get(&c.crash_loop_stops),
+            ),
+        ];
+        for (name, help, pick) in series {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for plugin in plugins.iter() {
+                let labels = [("plugin", plugin.name())];
+                ConstCounter::new(pick(plugin.counters()))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -109,6 +109,16 @@ fn fail_closed_answers_503_and_keeps_the_plugin_out() {
         2.0,
         "{metrics}"
     );
+    assert_eq!(
+        metric(&metrics, "wisp_wasm_traps_total", &[("plugin", "trap")]),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wisp_wasm_reloads_total", &[("plugin", "trap")]),
+        0.0,
+        "FAIL_CLOSED never reloads"
+    );
     assert!(!agent.log().contains("panicked"));
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -151,6 +161,15 @@ fn fail_reload_answers_503_and_reloads_the_instance() {
     let metrics = agent.metrics().unwrap();
     assert!(
         metric(&metrics, "wisp_wasm_plugin_failures_total", &[]) >= 2.0,
+        "{metrics}"
+    );
+    // The host's own counters, per plugin.
+    assert!(
+        metric(&metrics, "wisp_wasm_reloads_total", &[("plugin", "trap")]) >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "wisp_wasm_traps_total", &[("plugin", "trap")]) >= 2.0,
         "{metrics}"
     );
     let _ = std::fs::remove_dir_all(dir);
