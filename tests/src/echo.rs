@@ -84,3 +84,30 @@ async fn respond(
     );
     Ok(response)
 }
+
+/// Starts the `wisp-echo` binary on 127.0.0.1:`port` in the host namespace
+/// (named "upstream") and waits until it accepts connections.
+pub fn spawn_on_loopback(
+    echo_bin: &std::path::Path,
+    port: u16,
+) -> std::io::Result<crate::process::ChildGuard> {
+    let child = std::process::Command::new(echo_bin)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--name",
+            "upstream",
+        ])
+        .spawn()?;
+    let guard = crate::process::ChildGuard::new("echo", child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(std::io::Error::other(format!(
+                "wisp-echo did not listen on port {port}"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(guard)
+}

@@ -63,6 +63,21 @@ pub fn parse(raw: &str) -> Reply {
     }
 }
 
+/// curl from the host namespace (`--include`, 10 s limit) with `args`; the
+/// parsed reply, or curl's error text when it could not get one (refused
+/// handshake, closed connection, …).
+pub fn curl(args: &[&str]) -> Result<Reply, String> {
+    let out = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--include", "--max-time", "10"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run curl ({e}); `cargo xtask setup` installs it"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(parse(&String::from_utf8_lossy(&out.stdout)))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -5,12 +5,10 @@
 //! x-forwarded-proto, date, server).
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use wisp_testbed::agent::Agent;
 use wisp_testbed::envoy::{Envoy, EnvoyConfig, EnvoyPlugin, EnvoyUpstream, envoy_bin};
-use wisp_testbed::process::ChildGuard;
 use wisp_testbed::{artifacts, http};
 
 const UPSTREAM: u16 = 17680;
@@ -19,19 +17,13 @@ const WISP: u16 = 17602;
 const FILTER_CONFIG: &str = r#"{"header_value": "side-by-side"}"#;
 
 fn curl(port: u16, extra: &[&str]) -> http::Reply {
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--include", "--max-time", "10"])
-        .args(["-H", "host: svc.test"])
-        .args(extra)
-        .arg(format!("http://127.0.0.1:{port}/compare?x=1"))
-        .output()
-        .expect("curl is installed (cargo xtask setup)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    http::parse(&String::from_utf8_lossy(&out.stdout))
+    let url = format!("http://127.0.0.1:{port}/compare?x=1");
+    let args: Vec<&str> = ["-H", "host: svc.test"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .chain([url.as_str()])
+        .collect();
+    http::curl(&args).unwrap()
 }
 
 /// Headers a client compares: everything but what differs by proxy brand.
@@ -72,16 +64,8 @@ fn upstream_view(reply: &http::Reply) -> serde_json::Value {
 
 #[test]
 fn header_filter_behaves_the_same_in_envoy_and_wisp() {
-    let echo = Command::new(artifacts::echo_bin().unwrap())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{UPSTREAM}"),
-            "--name",
-            "upstream",
-        ])
-        .spawn()
-        .unwrap();
-    let _echo = ChildGuard::new("echo", echo);
+    let _echo =
+        wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), UPSTREAM).unwrap();
     let filter = artifacts::header_filter_wasm().unwrap();
     let _envoy = Envoy::start(
         &envoy_bin().unwrap(),

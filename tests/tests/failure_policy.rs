@@ -5,7 +5,6 @@
 //! instance with backoff. The agent never crashes.
 
 use std::net::SocketAddr;
-use std::process::Command;
 
 use wisp_testbed::agent::{Agent, fresh_dir, metric};
 use wisp_testbed::process::ChildGuard;
@@ -29,17 +28,7 @@ const TRAPPING_PLUGIN: &str = r#"
 "#;
 
 fn curl(port: u16) -> http::Reply {
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--include", "--max-time", "10"])
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .output()
-        .expect("curl is installed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    http::parse(&String::from_utf8_lossy(&out.stdout))
+    http::curl(&[&format!("http://127.0.0.1:{port}/")]).unwrap()
 }
 
 fn run(
@@ -51,19 +40,8 @@ fn run(
     let dir = fresh_dir().unwrap();
     let wasm = dir.join("trap.wasm");
     std::fs::write(&wasm, wat::parse_str(TRAPPING_PLUGIN).unwrap()).unwrap();
-    let echo = Command::new(artifacts::echo_bin().unwrap())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{upstream}"),
-            "--name",
-            "upstream",
-        ])
-        .spawn()
-        .unwrap();
-    let echo = ChildGuard::new("echo", echo);
-    while std::net::TcpStream::connect(("127.0.0.1", upstream)).is_err() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let echo =
+        wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), upstream).unwrap();
     let args: Vec<String> = [
         "--listen",
         &format!("127.0.0.1:{port}"),

@@ -4,32 +4,19 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
 use std::time::Duration;
 
 use wisp_testbed::agent::{Agent, metric};
 use wisp_testbed::process::ChildGuard;
 use wisp_testbed::{artifacts, http};
 
-/// Starts `wisp-echo` on loopback.
+/// `wisp-echo` on loopback.
 fn echo(port: u16) -> ChildGuard {
-    let child = Command::new(artifacts::echo_bin().unwrap())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--name",
-            "upstream",
-        ])
-        .spawn()
-        .unwrap();
-    let guard = ChildGuard::new("echo", child);
-    for _ in 0..200 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return guard;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("wisp-echo did not listen on {port}");
+    wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), port).unwrap()
+}
+
+fn curl(args: &[&str]) -> http::Reply {
+    http::curl(args).unwrap()
 }
 
 /// `wisp proxy` in front of `upstream` with the header filter.
@@ -58,20 +45,6 @@ fn proxy(listen: u16, admin: u16, upstream: &str, extra: &[&str]) -> Agent {
         SocketAddr::from(([127, 0, 0, 1], admin)),
     )
     .unwrap()
-}
-
-fn curl(args: &[&str]) -> http::Reply {
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--include", "--max-time", "10"])
-        .args(args)
-        .output()
-        .expect("curl is installed (cargo xtask setup)");
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    http::parse(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// Sends raw bytes and returns everything the proxy answers until it closes.

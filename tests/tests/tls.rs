@@ -3,28 +3,15 @@
 //! client CA (mTLS), and originates mTLS to an upstream that requires it.
 
 use std::net::SocketAddr;
-use std::process::Command;
 
 use wisp_testbed::agent::{Agent, fresh_dir, metric};
+use wisp_testbed::artifacts;
+use wisp_testbed::http::curl;
 use wisp_testbed::pki::TestPki;
 use wisp_testbed::process::ChildGuard;
-use wisp_testbed::{artifacts, http};
 
 fn echo(port: u16) -> ChildGuard {
-    let child = Command::new(artifacts::echo_bin().unwrap())
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--name",
-            "upstream",
-        ])
-        .spawn()
-        .unwrap();
-    let guard = ChildGuard::new("echo", child);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    guard
+    wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), port).unwrap()
 }
 
 fn wisp_proxy(args: &[&str], admin: u16) -> Agent {
@@ -42,18 +29,6 @@ fn wisp_proxy(args: &[&str], admin: u16) -> Agent {
         SocketAddr::from(([127, 0, 0, 1], admin)),
     )
     .unwrap()
-}
-
-fn curl(args: &[&str]) -> Result<http::Reply, String> {
-    let out = Command::new("curl")
-        .args(["--silent", "--show-error", "--include", "--max-time", "10"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(http::parse(&String::from_utf8_lossy(&out.stdout)))
 }
 
 #[test]
