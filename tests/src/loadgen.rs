@@ -25,6 +25,9 @@ pub struct LoadReport {
     pub latency_us: String,
     /// TCP connect latency in microseconds (HDR, V2 + base64).
     pub connect_us: String,
+    /// Wall time of the connect series (connects run one after another).
+    #[serde(default)]
+    pub connect_seconds: f64,
 }
 
 pub fn new_histogram() -> Histogram<u64> {
@@ -70,6 +73,7 @@ pub async fn run(
     }
     let seconds = started.elapsed().as_secs_f64();
     let mut connect = new_histogram();
+    let connects_started = Instant::now();
     for _ in 0..connects {
         let t = Instant::now();
         match tokio::net::TcpStream::connect(target).await {
@@ -86,6 +90,7 @@ pub async fn run(
         seconds,
         latency_us: encode(&latency),
         connect_us: encode(&connect),
+        connect_seconds: connects_started.elapsed().as_secs_f64(),
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod bench;
 mod bench_proxy;
+mod bench_redirect;
 mod build;
 mod compare;
 mod demo;
@@ -86,6 +87,12 @@ enum Bench {
     },
     /// The Proxy-Wasm host's criterion benchmarks: per-request cost, instantiation, memory.
     Wasm,
+    /// Connection capture cost: direct vs eBPF steering vs iptables DNAT (needs root).
+    Redirect {
+        /// Connections to open per setup.
+        #[arg(long, default_value_t = 2000)]
+        connects: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -127,6 +134,9 @@ fn main() -> std::process::ExitCode {
             seconds,
             connections,
         }),
+        Command::Bench {
+            what: Bench::Redirect { connects },
+        } => bench_redirect::run(connects),
         Command::Bench { what: Bench::Wasm } => {
             setup::run(setup::Mode::Quiet).and_then(|()| bench::wasm())
         }

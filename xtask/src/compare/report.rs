@@ -521,6 +521,7 @@ mod tests {
             seconds,
             latency_us: encode(&h),
             connect_us: encode(&c),
+            connect_seconds: 0.0,
         }
     }
 
