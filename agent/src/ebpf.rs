@@ -656,20 +656,14 @@ impl Dataplane {
 
     /// Connects the kernel sent to each backend, summed over CPUs.
     pub fn backend_counters(&self) -> Vec<BackendStats> {
-        let counters = self
-            .backend_counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let connects = per_cpu_sums(&self.backend_counters, self.backends.len());
         self.backends
             .iter()
-            .enumerate()
-            .map(|(i, (service, backend))| BackendStats {
+            .zip(connects)
+            .map(|((service, backend), connects)| BackendStats {
                 service: service.clone(),
                 backend: *backend,
-                connects: counters
-                    .get(&(i as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0),
+                connects,
             })
             .collect()
     }
@@ -792,23 +786,26 @@ impl Dataplane {
 
     /// How many connects each policy rule matched.
     pub fn policy_counters(&self) -> Vec<RuleStats> {
-        let counters = self
-            .policy_counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let matches = per_cpu_sums(&self.policy_counters, self.rules.len());
         self.rules
             .iter()
-            .enumerate()
-            .map(|(i, (name, action))| RuleStats {
+            .zip(matches)
+            .map(|((name, action), matches)| RuleStats {
                 name: name.clone(),
                 action: *action,
-                matches: counters
-                    .get(&(i as u32), 0)
-                    .map(|v| v.iter().sum())
-                    .unwrap_or(0),
+                matches,
             })
             .collect()
     }
+}
+
+/// The first `count` entries of a per-CPU counter array, each summed over
+/// CPUs (0 for an entry the kernel cannot read).
+fn per_cpu_sums(counters: &Mutex<PerCpuArray<MapData, u64>>, count: usize) -> Vec<u64> {
+    let counters = counters.lock().unwrap_or_else(|e| e.into_inner());
+    (0..count as u32)
+        .map(|i| counters.get(&i, 0).map_or(0, |v| v.iter().sum()))
+        .collect()
 }
 
 impl Drop for Dataplane {
