@@ -32,13 +32,16 @@ pub struct AdminState {
 }
 
 /// What `/plugins` says about each loaded plugin.
-pub fn plugin_summaries(plugins: &[wisp_wasm_host::Plugin]) -> serde_json::Value {
+pub fn plugin_summaries(plugins: &[crate::plugins::ConfiguredPlugin]) -> serde_json::Value {
     plugins
         .iter()
-        .map(|plugin| {
+        .map(|configured| {
+            let plugin = &configured.plugin;
             let config = plugin.config();
             serde_json::json!({
                 "name": config.name,
+                "kind": configured.kind,
+                "match": configured.matcher,
                 "root_id": config.root_id,
                 "vm_id": config.vm_id,
                 "abi_version": format!("{:?}", plugin.abi_version()),

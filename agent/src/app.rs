@@ -21,16 +21,20 @@ use crate::config::Config;
 use crate::ebpf::Dataplane;
 use crate::listener::{Destination, ListenerSpec, Protocol};
 use crate::metrics::{KernelCounters, Metrics};
+use crate::plugins::{ConfiguredPlugin, PluginKind, PluginMatch};
 use crate::worker::{DataplaneCell, WorkerContext, Workers};
 
-/// A plugin to load: where its module is and how to configure it.
+/// A plugin to load: where its module is, how to configure it, and whether
+/// it is an HTTP or a network filter and for which traffic.
 pub struct PluginSource {
     pub module: PathBuf,
     pub config: PluginConfig,
+    pub kind: PluginKind,
+    pub matcher: Option<PluginMatch>,
 }
 
 /// Compiles plugins once; every worker instantiates them.
-pub fn compile_plugins(sources: &[PluginSource]) -> anyhow::Result<Vec<Plugin>> {
+pub fn compile_plugins(sources: &[PluginSource]) -> anyhow::Result<Vec<ConfiguredPlugin>> {
     sources
         .iter()
         .map(|source| {
@@ -45,8 +49,13 @@ pub fn compile_plugins(sources: &[PluginSource]) -> anyhow::Result<Vec<Plugin>> 
                 "plugin {name:?}: {} is not a WebAssembly binary module (no \\0asm header)",
                 path.display()
             );
-            Plugin::compile(source.config.clone(), &wasm)
-                .with_context(|| format!("plugin {name:?} ({})", path.display()))
+            let plugin = Plugin::compile(source.config.clone(), &wasm)
+                .with_context(|| format!("plugin {name:?} ({})", path.display()))?;
+            Ok(ConfiguredPlugin {
+                plugin,
+                kind: source.kind,
+                matcher: source.matcher.clone(),
+            })
         })
         .collect()
 }
@@ -67,6 +76,8 @@ pub fn plugin_sources(config: &Config) -> Vec<PluginSource> {
                 failure_policy: spec.failure_policy,
                 ..Default::default()
             },
+            kind: spec.kind,
+            matcher: spec.matcher.as_ref().map(|m| m.value.clone()),
         })
         .collect()
 }
@@ -74,7 +85,7 @@ pub fn plugin_sources(config: &Config) -> Vec<PluginSource> {
 /// What one agent process serves.
 struct ServeSpec {
     listeners: Vec<ListenerSpec>,
-    plugins: Vec<Plugin>,
+    plugins: Vec<ConfiguredPlugin>,
     workers: usize,
     admin: SocketAddr,
     drain_timeout: Duration,
@@ -193,6 +204,7 @@ pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
             "name": p.config.name,
             "module": p.module,
             "root_id": p.config.root_id,
+            "kind": p.kind,
             "failure_policy": p.config.failure_policy,
         })).collect::<Vec<_>>(),
         "workers": quick.workers,

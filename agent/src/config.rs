@@ -13,6 +13,7 @@ use serde_saphyr::Spanned;
 use wisp_wasm_host::FailurePolicy;
 
 use crate::listener::Protocol;
+use crate::plugins::{PluginKind, PluginMatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -150,6 +151,14 @@ pub struct PluginSpec {
     /// `FAIL_RELOAD` (503, and the instance is re-created with backoff).
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// `http` (default): an HTTP filter, run on requests; `network`: a
+    /// network filter, run on TCP pass-through connections (see `plugins`).
+    #[serde(default)]
+    pub kind: PluginKind,
+    /// Which traffic the plugin applies to: `{ports, workloads, hosts,
+    /// paths}`, every present condition must hold. Default: all of it.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matcher: Option<Spanned<PluginMatch>>,
 }
 
 /// An enrolled workload: a pod, identified by its network namespace.
@@ -265,6 +274,18 @@ impl Config {
                     format!("plugins[{i}].name"),
                     format!("duplicate plugin name {:?}", plugin.name),
                 ));
+            }
+            if let Some(matcher) = &plugin.matcher {
+                matcher
+                    .value
+                    .check(plugin.kind)
+                    .map_err(|(field, message)| {
+                        invalid(
+                            matcher.referenced.line(),
+                            format!("plugins[{i}].{field}"),
+                            message,
+                        )
+                    })?;
             }
         }
         if let Some(v6) = &self.outbound.redirect_address_v6 {

@@ -17,12 +17,15 @@ use wisp_wasm_host::{
 };
 
 use crate::metrics::{Metrics, PluginLabels};
+use crate::plugins::{Facts, PluginMatch};
 
 /// The response details Envoy gives a stream failed by a Wasm plugin.
 pub const WASM_FAIL_DETAILS: &str = "wasm_fail_stream";
 
 struct Slot {
     supervisor: Supervisor,
+    /// Requests that do not match skip the plugin (`plugins[].match`).
+    matcher: Option<PluginMatch>,
 }
 
 pub struct FilterChain {
@@ -53,6 +56,7 @@ impl FilterChain {
             .map(|plugin| {
                 Ok(Slot {
                     supervisor: Supervisor::new(plugin.clone(), Embedder::default())?,
+                    matcher: None,
                 })
             })
             .collect::<Result<_, wisp_wasm_host::Error>>()?;
@@ -61,6 +65,14 @@ impl FilterChain {
 
     pub fn is_empty(&self) -> bool {
         self.slots.is_empty()
+    }
+
+    /// Sets each plugin's match, in plugin order.
+    pub fn with_matches(mut self, matches: Vec<Option<PluginMatch>>) -> FilterChain {
+        for (slot, matcher) in self.slots.iter_mut().zip(matches) {
+            slot.matcher = matcher;
+        }
+        self
     }
 
     /// Runs `on_request_headers` through the chain, stopping at the first
@@ -74,6 +86,12 @@ impl FilterChain {
     ) -> RequestVerdict {
         contexts.ids.resize(self.slots.len(), None);
         for (index, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(matcher) = &slot.matcher
+                && !matcher.matches(&Facts::of_request(stream))
+            {
+                // Not for this request: no HTTP context, as if not configured.
+                continue;
+            }
             let Some(instance) = slot.supervisor.instance(Instant::now()) else {
                 match slot.unavailable(metrics) {
                     Some(response) => return RequestVerdict::Respond(response),

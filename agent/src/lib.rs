@@ -5,7 +5,9 @@
 //! Modules, in the order a connection meets them: [`config`] (the YAML file),
 //! [`app`] (start-up and shutdown), [`ebpf`] (kernel programs, enrollment,
 //! original destinations), [`worker`] (threads and listeners),
-//! [`http_proxy`] (one connection's requests), [`filter_chain`] (the plugins),
+//! [`http_proxy`] (one connection's requests), [`filter_chain`] (the HTTP
+//! filters), [`tcp_proxy`] and [`network_chain`] (TCP pass-through and the
+//! network filters), [`plugins`] (HTTP or network filter, `match:`),
 //! [`metrics`] and [`admin`].
 pub mod access_log;
 pub mod admin;
@@ -16,6 +18,8 @@ pub mod filter_chain;
 pub mod http_proxy;
 pub mod listener;
 pub mod metrics;
+pub mod network_chain;
+pub mod plugins;
 pub mod reload;
 pub mod sniff;
 pub mod tcp_proxy;

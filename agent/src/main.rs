@@ -58,6 +58,10 @@ struct ProxyArgs {
     /// Root id of the preceding --plugin.
     #[arg(long = "root-id", value_name = "ID")]
     root_ids: Vec<String>,
+    /// Kind of the preceding --plugin: `http` (default, an HTTP filter) or
+    /// `network` (a network filter, run on TCP pass-through connections).
+    #[arg(long = "plugin-kind", value_name = "KIND")]
+    plugin_kinds: Vec<wisp_agent::plugins::PluginKind>,
     /// Failure policy for all plugins: FAIL_CLOSED (default), FAIL_OPEN or FAIL_RELOAD.
     #[arg(long, default_value = "FAIL_CLOSED", value_parser = wisp_agent::app::parse_failure_policy)]
     failure_policy: wisp_wasm_host::FailurePolicy,
@@ -108,9 +112,10 @@ impl ProxyArgs {
     fn into_quick_mode(self) -> Result<wisp_agent::app::QuickMode, String> {
         if self.plugin_configs.len() > self.plugins.len()
             || self.root_ids.len() > self.plugins.len()
+            || self.plugin_kinds.len() > self.plugins.len()
         {
             return Err(
-                "--plugin-config and --root-id each belong to a --plugin given before them".into(),
+                "--plugin-config, --root-id and --plugin-kind each belong to a --plugin given before them".into(),
             );
         }
         if self.workers == Some(0) {
@@ -137,6 +142,8 @@ impl ProxyArgs {
                     failure_policy: self.failure_policy,
                     ..Default::default()
                 },
+                kind: self.plugin_kinds.get(i).copied().unwrap_or_default(),
+                matcher: None,
             })
             .collect();
         Ok(wisp_agent::app::QuickMode {

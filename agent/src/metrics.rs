@@ -52,6 +52,7 @@ pub struct Metrics {
     pub local_responses: Family<PluginLabels, Counter>,
     pub plugin_failures: Family<PluginLabels, Counter>,
     pub plugin_unavailable: Family<PluginLabels, Counter>,
+    pub tcp_plugin_closes: Family<PluginLabels, Counter>,
     pub upstream_connect_errors: Counter,
     pub tls_handshake_errors: Counter,
     pub unsteered_connections: Counter,
@@ -74,6 +75,7 @@ impl Metrics {
             local_responses: Family::default(),
             plugin_failures: Family::default(),
             plugin_unavailable: Family::default(),
+            tcp_plugin_closes: Family::default(),
             upstream_connect_errors: Counter::default(),
             tls_handshake_errors: Counter::default(),
             unsteered_connections: Counter::default(),
@@ -125,6 +127,11 @@ impl Metrics {
             metrics.plugin_unavailable.clone(),
         );
         registry.register(
+            "wisp_tcp_plugin_closes",
+            "TCP connections a network filter closed: its failure policy (FAIL_CLOSED, FAIL_RELOAD) or its own proxy_close_stream",
+            metrics.tcp_plugin_closes.clone(),
+        );
+        registry.register(
             "wisp_upstream_connect_errors",
             "Connections to an original destination that could not be opened",
             metrics.upstream_connect_errors.clone(),
@@ -162,7 +169,9 @@ impl Collector for KernelCounters {
 /// The Proxy-Wasm host's per-plugin counters (instances, traps, deadlines,
 /// capability refusals, FAIL_RELOAD reloads and crash-loop stops), read on
 /// each scrape from the plugins in effect (a config reload swaps them).
-pub struct PluginCounters(pub tokio::sync::watch::Receiver<Arc<Vec<wisp_wasm_host::Plugin>>>);
+pub struct PluginCounters(
+    pub tokio::sync::watch::Receiver<Arc<Vec<crate::plugins::ConfiguredPlugin>>>,
+);
 
 impl std::fmt::Debug for PluginCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -219,7 +228,7 @@ impl Collector for PluginCounters {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for plugin in plugins.iter() {
+            for plugin in plugins.iter().map(|p| &p.plugin) {
                 let labels = [("plugin", plugin.name())];
                 ConstCounter::new(pick(plugin.counters()))
                     .encode(family.encode_family(&labels)?)?;

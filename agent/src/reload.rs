@@ -14,13 +14,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use wisp_wasm_host::Plugin;
 
 use crate::admin::AdminState;
 use crate::app::{compile_plugins, plugin_sources};
 use crate::config::Config;
-use crate::filter_chain::FilterChain;
 use crate::metrics::{Metrics, ReloadLabels};
+use crate::plugins::ConfiguredPlugin;
+use crate::worker::build_chains;
 
 /// How often the config file's modification time is checked.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -29,7 +29,7 @@ pub struct Reloader {
     pub path: PathBuf,
     /// The config in effect.
     pub current: Config,
-    pub plugins: watch::Sender<Arc<Vec<Plugin>>>,
+    pub plugins: watch::Sender<Arc<Vec<ConfiguredPlugin>>>,
     pub admin: Arc<AdminState>,
     pub metrics: Arc<Metrics>,
 }
@@ -93,7 +93,7 @@ impl Reloader {
         let plugins = compile_plugins(&plugin_sources(&config))?;
         // The canary: if these plugins cannot start here, they would not
         // start on any worker either.
-        FilterChain::new(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
+        build_chains(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
         for field in self.current.restart_only_changes(&config) {
             tracing::warn!(
                 field,

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
-use wisp_wasm_host::Plugin;
 
 use crate::access_log::AccessLog;
 use crate::ebpf::Dataplane;
@@ -19,6 +18,8 @@ use crate::filter_chain::FilterChain;
 use crate::http_proxy::{ConnectionInfo, HttpWorker};
 use crate::listener::{Destination, ListenerSpec, Protocol};
 use crate::metrics::{ConnectionLabels, Metrics};
+use crate::network_chain::{NetworkChain, NetworkFilters};
+use crate::plugins::{ConfiguredPlugin, PluginKind};
 use crate::tls::TlsInfo;
 use crate::upstream::Upstreams;
 use tokio_rustls::TlsAcceptor;
@@ -58,8 +59,8 @@ pub type DataplaneCell = Arc<std::sync::OnceLock<Arc<Dataplane>>>;
 #[derive(Clone)]
 pub struct WorkerContext {
     pub listeners: Arc<Vec<ListenerSpec>>,
-    /// The plugins of the filter chain; a config reload sends new ones.
-    pub plugins: watch::Receiver<Arc<Vec<Plugin>>>,
+    /// The plugins, HTTP and network filters; a config reload sends new ones.
+    pub plugins: watch::Receiver<Arc<Vec<ConfiguredPlugin>>>,
     pub dataplane: DataplaneCell,
     pub metrics: Arc<Metrics>,
     /// Becomes `true` on shutdown: stop accepting, finish what is in flight.
@@ -147,11 +148,11 @@ fn run_worker(
                 .transpose()
                 .map_err(|source| WorkerError::Runtime { index, source })?;
             let plugins = context.plugins.borrow().clone();
-            let chain = FilterChain::new(&plugins)
-                .map_err(|source| WorkerError::Plugin { index, source })?;
-            Ok((sockets, acceptors, upstreams, access_log, chain))
+            let (chain, network) =
+                build_chains(&plugins).map_err(|source| WorkerError::Plugin { index, source })?;
+            Ok((sockets, acceptors, upstreams, access_log, chain, network))
         })();
-        let (sockets, acceptors, upstreams, access_log, chain) = match setup {
+        let (sockets, acceptors, upstreams, access_log, chain, network) = match setup {
             Ok(ok) => ok,
             Err(error) => {
                 let _ = ready.send(Err(error));
@@ -165,7 +166,13 @@ fn run_worker(
             upstreams,
             access_log,
         ));
-        tokio::task::spawn_local(follow_plugin_updates(index, http.clone(), context.clone()));
+        let network = Rc::new(NetworkFilters::new(network));
+        tokio::task::spawn_local(follow_plugin_updates(
+            index,
+            http.clone(),
+            network.clone(),
+            context.clone(),
+        ));
         let connections = TaskTracker::new();
         let accepting: Vec<_> = context
             .listeners
@@ -184,6 +191,7 @@ fn run_worker(
                 tokio::task::spawn_local(accept_loop(
                     listener,
                     http.clone(),
+                    network.clone(),
                     connections.clone(),
                     context.clone(),
                 ))
@@ -196,18 +204,38 @@ fn run_worker(
     });
 }
 
-/// Swaps in a new filter chain whenever the plugins change (config reload).
-/// Requests already running finish on the chain they started with.
-async fn follow_plugin_updates(index: usize, http: Rc<HttpWorker>, mut context: WorkerContext) {
+/// A worker's HTTP filter chain and network filter chain, each with its
+/// own instances of the plugins of its kind, in configuration order.
+pub fn build_chains(
+    plugins: &[ConfiguredPlugin],
+) -> Result<(FilterChain, NetworkChain), wisp_wasm_host::Error> {
+    let http = crate::plugins::of_kind(plugins, PluginKind::Http);
+    let compiled: Vec<_> = http.iter().map(|p| p.plugin.clone()).collect();
+    let chain =
+        FilterChain::new(&compiled)?.with_matches(http.iter().map(|p| p.matcher.clone()).collect());
+    let network = NetworkChain::new(&crate::plugins::of_kind(plugins, PluginKind::Network))?;
+    Ok((chain, network))
+}
+
+/// Swaps in new filter chains whenever the plugins change (config reload).
+/// Requests and connections already running finish on the chains they
+/// started with.
+async fn follow_plugin_updates(
+    index: usize,
+    http: Rc<HttpWorker>,
+    network: Rc<NetworkFilters>,
+    mut context: WorkerContext,
+) {
     loop {
         tokio::select! {
             changed = context.plugins.changed() => if changed.is_err() { return },
             _ = context.shutdown.wait_for(|stop| *stop) => return,
         }
         let plugins = context.plugins.borrow_and_update().clone();
-        match FilterChain::new(&plugins) {
-            Ok(chain) => {
+        match build_chains(&plugins) {
+            Ok((chain, network_chain)) => {
                 http.replace_chain(chain);
+                network.replace(network_chain);
                 tracing::info!(
                     worker = index,
                     plugins = plugins.len(),
@@ -269,6 +297,7 @@ struct Listener {
 async fn accept_loop(
     listener: Listener,
     http: Rc<HttpWorker>,
+    network: Rc<NetworkFilters>,
     connections: TaskTracker,
     mut context: WorkerContext,
 ) {
@@ -297,6 +326,7 @@ async fn accept_loop(
             conn,
             stream,
             http.clone(),
+            network.clone(),
             context.clone(),
         ));
     }
@@ -307,6 +337,7 @@ async fn serve_connection(
     mut conn: ConnectionInfo,
     stream: tokio::net::TcpStream,
     http: Rc<HttpWorker>,
+    network: Rc<NetworkFilters>,
     context: WorkerContext,
 ) {
     let spec = &listener.spec;
@@ -350,7 +381,9 @@ async fn serve_connection(
     };
     count_connection(&context, spec, served_as);
     match protocol {
-        Protocol::Tcp => crate::tcp_proxy::serve(stream, conn.destination, &context.metrics).await,
+        Protocol::Tcp => {
+            crate::tcp_proxy::serve(stream, &conn, network.current(), &context.metrics).await
+        }
         _ => crate::http_proxy::serve(http, conn, stream, context.shutdown.clone()).await,
     }
 }

@@ -54,6 +54,17 @@ pub fn header_filter_wasm() -> Result<PathBuf, MissingArtifact> {
     )
 }
 
+/// The conformance test filter (`WISP_CONFORMANCE_FILTER_WASM`, default the
+/// release wasm32-wasip1 build); root id `tcp` makes it a network filter.
+pub fn conformance_filter_wasm() -> Result<PathBuf, MissingArtifact> {
+    existing(
+        "WISP_CONFORMANCE_FILTER_WASM",
+        target_dir().join("wasm32-wasip1/release/wisp_conformance_filter.wasm"),
+        "the conformance test filter",
+        "cargo xtask build-filters",
+    )
+}
+
 /// The echo server binary, built next to the `wisp` binary.
 pub fn echo_bin() -> Result<PathBuf, MissingArtifact> {
     existing(

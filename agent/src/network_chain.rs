@@ -1,0 +1,417 @@
+//! One worker's network (TCP) filters: its own instance of each plugin of
+//! `kind: network`, run on the connections served as TCP pass-through, as
+//! Envoy's network filter manager runs read and write filters.
+//!
+//! * `on_new_connection` runs through the filters in order when the
+//!   connection is accepted; the upstream is connected once every filter has
+//!   let it through (a filter that pauses holds the connect back until the
+//!   next downstream data goes through it, as Envoy's `StopIteration`).
+//! * Downstream data (DOWNSTREAM_DATA) goes through the filters in order,
+//!   upstream data (UPSTREAM_DATA) in reverse order, as Envoy iterates write
+//!   filters. Each may read and rewrite the buffer. A filter that pauses
+//!   keeps the bytes buffered; the next read appends to them and the whole
+//!   buffer goes through the chain again from the first filter (Envoy's
+//!   connection read buffer behaves the same way).
+//! * When the connection is over: `on_downstream_connection_close` and
+//!   `on_upstream_connection_close` (peer `Remote` when that side closed
+//!   first, `Local` when wisp closed it), then `on_done` / `on_log` /
+//!   `on_delete`.
+//! * A plugin may close the connection (`proxy_close_stream`, e.g. the
+//!   SDK's `close_downstream()`).
+//!
+//! Failure policies, per plugin: FAIL_CLOSED and FAIL_RELOAD close the
+//! connection (an HTTP stream gets a 503; a TCP connection can only be
+//! closed), FAIL_OPEN lets the bytes through as they were before the failed
+//! call and skips the plugin for the rest of the connection. As for HTTP, the
+//! failed instance is discarded, so every connection it held applies the
+//! policy too; FAIL_RELOAD re-creates it for new connections.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Instant;
+
+use wisp_wasm_host::abi::StreamType;
+use wisp_wasm_host::{
+    Action, Embedder, FailureAction, PeerType, StreamRequestKind, Supervisor, TcpConnection,
+};
+
+use crate::metrics::{Metrics, PluginLabels};
+use crate::plugins::{ConfiguredPlugin, Facts};
+
+struct Slot {
+    supervisor: Supervisor,
+    /// Bumped whenever the instance is discarded: a context id of an older
+    /// generation belongs to an instance that is gone.
+    generation: u64,
+    configured: ConfiguredPlugin,
+}
+
+/// A worker's network filters.
+pub struct NetworkChain {
+    slots: Vec<Slot>,
+}
+
+/// Where one connection stands in one filter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Not reached yet (`on_new_connection` not called).
+    Pending,
+    /// Has a context of this instance generation.
+    Active { id: u32, generation: u64 },
+    /// Skipped: its match excludes the connection, or it failed open.
+    Skipped,
+}
+
+/// One connection's contexts in the chain and its data buffers.
+pub struct NetworkStream {
+    states: Vec<State>,
+    /// Filters whose `on_new_connection` has run (or that were skipped).
+    started: usize,
+    pub conn: TcpConnection,
+}
+
+/// What to do after a pass through the chain.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send these bytes on (possibly empty).
+    Forward(Vec<u8>),
+    /// A filter paused: the bytes stay buffered until more arrive.
+    Hold,
+    /// Close the connection (failure policy or a plugin's request).
+    Close,
+}
+
+impl NetworkChain {
+    /// Instantiates every network plugin for this worker.
+    pub fn new(plugins: &[ConfiguredPlugin]) -> Result<NetworkChain, wisp_wasm_host::Error> {
+        let slots = plugins
+            .iter()
+            .map(|configured| {
+                Ok(Slot {
+                    supervisor: Supervisor::new(configured.plugin.clone(), Embedder::default())?,
+                    generation: 0,
+                    configured: configured.clone(),
+                })
+            })
+            .collect::<Result<_, wisp_wasm_host::Error>>()?;
+        Ok(NetworkChain { slots })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// A new connection with these properties: filters whose match excludes
+    /// it are skipped for its whole life.
+    pub fn open(&self, properties: HashMap<String, Vec<u8>>, facts: &Facts<'_>) -> NetworkStream {
+        let states = self
+            .slots
+            .iter()
+            .map(|slot| {
+                if slot.configured.applies(facts) {
+                    State::Pending
+                } else {
+                    State::Skipped
+                }
+            })
+            .collect();
+        NetworkStream {
+            states,
+            started: 0,
+            conn: TcpConnection {
+                properties,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Runs `on_new_connection` through the filters not started yet, in
+    /// order; `Ok(true)` once every filter has let the connection through
+    /// (time to connect upstream), `Ok(false)` while one holds it.
+    pub fn start(&mut self, stream: &mut NetworkStream, metrics: &Metrics) -> Result<bool, Closed> {
+        self.start_until(stream, self.slots.len(), metrics)
+    }
+
+    /// `on_new_connection` for the filters before `limit` not started yet.
+    fn start_until(
+        &mut self,
+        stream: &mut NetworkStream,
+        limit: usize,
+        metrics: &Metrics,
+    ) -> Result<bool, Closed> {
+        while stream.started < limit {
+            let index = stream.started;
+            stream.started += 1;
+            if stream.states[index] == State::Skipped {
+                continue;
+            }
+            let slot = &mut self.slots[index];
+            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+                metrics
+                    .plugin_unavailable
+                    .get_or_create(&slot.labels())
+                    .inc();
+                slot.policy(stream, index, metrics, slot.supervisor.failure_action())?;
+                continue;
+            };
+            let result = instance.create_tcp_context().and_then(|id| {
+                stream.states[index] = State::Active {
+                    id,
+                    generation: slot.generation,
+                };
+                instance.on_new_connection(id, &mut stream.conn)
+            });
+            if slot.outcome(result, stream, index, None, metrics)? == Action::Pause {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Appends `data` from the client and runs the downstream buffer through
+    /// the chain. Filters not started yet get `on_new_connection` first, in
+    /// order (see [`NetworkChain::start`]); `started` says whether all have.
+    pub fn on_downstream(
+        &mut self,
+        stream: &mut NetworkStream,
+        data: &[u8],
+        end_of_stream: bool,
+        metrics: &Metrics,
+    ) -> Result<(Verdict, bool), Closed> {
+        stream.conn.downstream_data.extend_from_slice(data);
+        for index in 0..self.slots.len() {
+            if index >= stream.started {
+                // Envoy: initializes the filter, and iterates on to its
+                // onData in the same pass if it continued.
+                if !self.start_until(stream, index + 1, metrics)? {
+                    return Ok((Verdict::Hold, false));
+                }
+            }
+            if let Action::Pause =
+                self.data(stream, index, Direction::Downstream, end_of_stream, metrics)?
+            {
+                return Ok((Verdict::Hold, stream.started == self.slots.len()));
+            }
+        }
+        let bytes = std::mem::take(&mut stream.conn.downstream_data);
+        Ok((Verdict::Forward(bytes), true))
+    }
+
+    /// Appends `data` from the server and runs the upstream buffer through
+    /// the chain, last filter first.
+    pub fn on_upstream(
+        &mut self,
+        stream: &mut NetworkStream,
+        data: &[u8],
+        end_of_stream: bool,
+        metrics: &Metrics,
+    ) -> Result<Verdict, Closed> {
+        stream.conn.upstream_data.extend_from_slice(data);
+        for index in (0..self.slots.len()).rev() {
+            if let Action::Pause =
+                self.data(stream, index, Direction::Upstream, end_of_stream, metrics)?
+            {
+                return Ok(Verdict::Hold);
+            }
+        }
+        Ok(Verdict::Forward(std::mem::take(
+            &mut stream.conn.upstream_data,
+        )))
+    }
+
+    /// The connection is over: close events, then the contexts end.
+    pub fn close(
+        &mut self,
+        mut stream: NetworkStream,
+        downstream: PeerType,
+        upstream: PeerType,
+        metrics: &Metrics,
+    ) {
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            let State::Active { id, generation } = stream.states[index] else {
+                continue;
+            };
+            if generation != slot.generation {
+                continue;
+            }
+            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+                continue;
+            };
+            let result = instance
+                .on_downstream_connection_close(id, &mut stream.conn, downstream)
+                .and_then(|()| {
+                    instance.on_upstream_connection_close(id, &mut stream.conn, upstream)
+                })
+                .and_then(|()| instance.finish_tcp_context(id, &mut stream.conn));
+            if let Err(error) = result {
+                // The connection is already closed; only the instance pays.
+                metrics.plugin_failures.get_or_create(&slot.labels()).inc();
+                slot.supervisor.on_failure(&error, Instant::now());
+                slot.generation += 1;
+            }
+        }
+    }
+
+    fn data(
+        &mut self,
+        stream: &mut NetworkStream,
+        index: usize,
+        direction: Direction,
+        end_of_stream: bool,
+        metrics: &Metrics,
+    ) -> Result<Action, Closed> {
+        let State::Active { id, generation } = stream.states[index] else {
+            return Ok(Action::Continue);
+        };
+        let slot = &mut self.slots[index];
+        if generation != slot.generation {
+            // The instance that held this context is gone.
+            metrics
+                .plugin_unavailable
+                .get_or_create(&slot.labels())
+                .inc();
+            slot.policy(stream, index, metrics, slot.supervisor.failure_action())?;
+            return Ok(Action::Continue);
+        }
+        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            metrics
+                .plugin_unavailable
+                .get_or_create(&slot.labels())
+                .inc();
+            slot.policy(stream, index, metrics, slot.supervisor.failure_action())?;
+            return Ok(Action::Continue);
+        };
+        // FAIL_OPEN forwards the bytes as they were before the failed call.
+        let backup =
+            (!slot.configured.plugin.config().failure_policy.rejects()).then(|| match direction {
+                Direction::Downstream => stream.conn.downstream_data.clone(),
+                Direction::Upstream => stream.conn.upstream_data.clone(),
+            });
+        let result = match direction {
+            Direction::Downstream => {
+                instance.on_downstream_data(id, &mut stream.conn, end_of_stream)
+            }
+            Direction::Upstream => instance.on_upstream_data(id, &mut stream.conn, end_of_stream),
+        };
+        let restore = backup.map(|data| (direction, data));
+        slot.outcome(result, stream, index, restore, metrics)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Direction {
+    Downstream,
+    Upstream,
+}
+
+/// The connection must be closed: a plugin failed under FAIL_CLOSED /
+/// FAIL_RELOAD, or asked for it.
+#[derive(Debug)]
+pub struct Closed;
+
+impl Slot {
+    fn labels(&self) -> PluginLabels {
+        PluginLabels {
+            plugin: self.supervisor.plugin().name().to_owned(),
+        }
+    }
+
+    /// Applies a call's result: success (and stream requests the plugin
+    /// made during it), or its failure policy.
+    fn outcome(
+        &mut self,
+        result: Result<Action, wisp_wasm_host::Error>,
+        stream: &mut NetworkStream,
+        index: usize,
+        restore: Option<(Direction, Vec<u8>)>,
+        metrics: &Metrics,
+    ) -> Result<Action, Closed> {
+        match result {
+            Ok(action) => {
+                self.supervisor.on_success();
+                let close = self
+                    .supervisor
+                    .instance(Instant::now())
+                    .map(|instance| instance.take_stream_requests())
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|request| {
+                        request.kind == StreamRequestKind::Close
+                            && matches!(
+                                request.stream,
+                                StreamType::Downstream | StreamType::Upstream
+                            )
+                    });
+                if close {
+                    tracing::info!(
+                        plugin = self.supervisor.plugin().name(),
+                        "plugin closed the connection"
+                    );
+                    metrics
+                        .tcp_plugin_closes
+                        .get_or_create(&self.labels())
+                        .inc();
+                    return Err(Closed);
+                }
+                Ok(action)
+            }
+            Err(error) => {
+                metrics.plugin_failures.get_or_create(&self.labels()).inc();
+                let action = self.supervisor.on_failure(&error, Instant::now());
+                self.generation += 1;
+                if let Some((direction, data)) = restore {
+                    match direction {
+                        Direction::Downstream => stream.conn.downstream_data = data,
+                        Direction::Upstream => stream.conn.upstream_data = data,
+                    }
+                }
+                self.policy(stream, index, metrics, action)?;
+                Ok(Action::Continue)
+            }
+        }
+    }
+
+    /// Skips the plugin for this connection (FAIL_OPEN) or closes it.
+    fn policy(
+        &self,
+        stream: &mut NetworkStream,
+        index: usize,
+        metrics: &Metrics,
+        action: FailureAction,
+    ) -> Result<(), Closed> {
+        stream.states[index] = State::Skipped;
+        match action {
+            FailureAction::PassThrough => Ok(()),
+            FailureAction::Reject => {
+                metrics
+                    .tcp_plugin_closes
+                    .get_or_create(&self.labels())
+                    .inc();
+                Err(Closed)
+            }
+        }
+    }
+}
+
+/// The network chain new connections of a worker use; a config reload swaps
+/// in a new one, connections already open keep the one they started with.
+pub struct NetworkFilters {
+    current: RefCell<Rc<RefCell<NetworkChain>>>,
+}
+
+impl NetworkFilters {
+    pub fn new(chain: NetworkChain) -> NetworkFilters {
+        NetworkFilters {
+            current: RefCell::new(Rc::new(RefCell::new(chain))),
+        }
+    }
+
+    pub fn current(&self) -> Rc<RefCell<NetworkChain>> {
+        self.current.borrow().clone()
+    }
+
+    pub fn replace(&self, chain: NetworkChain) {
+        *self.current.borrow_mut() = Rc::new(RefCell::new(chain));
+    }
+}

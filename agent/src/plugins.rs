@@ -1,0 +1,334 @@
+//! What each configured plugin is to the agent: its compiled code, whether it
+//! is an HTTP filter or a network (TCP) filter, and which traffic it applies
+//! to (`match:`).
+//!
+//! **HTTP vs network filter.** As in Envoy, which keeps HTTP filters (in the
+//! HTTP connection manager) and network filters (on the connection) in
+//! separate lists, a plugin is one or the other, set by `kind:` (`http`, the
+//! default, or `network`; Istio's `WasmPlugin.spec.type` HTTP / NETWORK). The
+//! host cannot find out by itself: the SDKs decide in the guest which context
+//! a root context creates, and calling a TCP callback on an HTTP context
+//! traps. An HTTP filter runs on every request of an HTTP connection; a
+//! network filter on every connection served as TCP pass-through (protocol
+//! `tcp`, or sniffed as not HTTP). The root id is only the plugin's own
+//! business (`plugin_root_id`): e.g. wisp's conformance test filter creates
+//! stream contexts when its root id is `"tcp"`, so it is configured with
+//! `kind: network, root_id: tcp`.
+//!
+//! **Match.** `match: {ports, workloads, hosts, paths}`: every condition that
+//! is present must hold, an absent one holds for everything. `ports` are
+//! destination ports, `workloads` source workload names, `hosts` the
+//! request's authority without its port (exact, or `*.suffix` for any name
+//! ending in `.suffix`; case-insensitive), `paths` prefixes of the path
+//! (without the query). A request that does not match skips the plugin: its
+//! HTTP context is not even created. Network filters match on `ports` and
+//! `workloads` only.
+
+use serde::{Deserialize, Serialize};
+use wisp_wasm_host::{HttpStream, Plugin};
+
+/// HTTP filter or network filter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// Runs on HTTP requests (request and response headers, bodies, …).
+    #[default]
+    Http,
+    /// Runs on TCP pass-through connections (`on_new_connection`, data, close).
+    Network,
+}
+
+impl std::str::FromStr for PluginKind {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "http" => Ok(PluginKind::Http),
+            "network" => Ok(PluginKind::Network),
+            other => Err(format!("{other:?}: expected http or network")),
+        }
+    }
+}
+
+/// Which traffic a plugin applies to; every present condition must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginMatch {
+    /// Destination ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<u16>>,
+    /// Source workload names (`workloads[].name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<Vec<String>>,
+    /// Request authorities without the port: `name` or `*.suffix`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<Vec<String>>,
+    /// Path prefixes, e.g. `/api/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
+}
+
+/// What a match is checked against.
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    pub destination_port: u16,
+    pub source_workload: &'a str,
+    /// `None` for TCP connections.
+    pub authority: Option<&'a [u8]>,
+    pub path: Option<&'a [u8]>,
+}
+
+impl<'a> Facts<'a> {
+    /// The facts of an HTTP request, from what plugins see of it: the
+    /// `destination.port` and `source.workload` properties and the
+    /// `:authority` and `:path` pseudo-headers.
+    pub fn of_request(stream: &'a HttpStream) -> Facts<'a> {
+        let port = stream
+            .properties
+            .get("destination.port")
+            .and_then(|p| std::str::from_utf8(p).ok()?.parse().ok())
+            .unwrap_or(0);
+        let workload = stream
+            .properties
+            .get("source.workload")
+            .and_then(|w| std::str::from_utf8(w).ok())
+            .unwrap_or("");
+        Facts {
+            destination_port: port,
+            source_workload: workload,
+            authority: Some(stream.request_headers.get(":authority").unwrap_or(b"")),
+            path: Some(stream.request_headers.get(":path").unwrap_or(b"")),
+        }
+    }
+}
+
+impl PluginMatch {
+    /// Whether traffic with these facts goes through the plugin. A host or
+    /// path condition never holds for a TCP connection (no request).
+    pub fn matches(&self, facts: &Facts<'_>) -> bool {
+        let ports = self
+            .ports
+            .as_ref()
+            .is_none_or(|ports| ports.contains(&facts.destination_port));
+        let workloads = self
+            .workloads
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == facts.source_workload));
+        let hosts = self.hosts.as_ref().is_none_or(|hosts| {
+            facts
+                .authority
+                .is_some_and(|authority| hosts.iter().any(|h| host_matches(h, authority)))
+        });
+        let paths = self.paths.as_ref().is_none_or(|prefixes| {
+            facts.path.is_some_and(|path| {
+                let path = path.split(|&b| b == b'?').next().unwrap_or(path);
+                prefixes.iter().any(|p| path.starts_with(p.as_bytes()))
+            })
+        });
+        ports && workloads && hosts && paths
+    }
+
+    /// Checks the match of `plugins[index]`; errors are `(field, message)`
+    /// with the field relative to the plugin entry (`match.hosts[1]`).
+    pub fn check(&self, kind: PluginKind) -> Result<(), (String, String)> {
+        let empty = |field: &str| {
+            Err((
+                format!("match.{field}"),
+                "an empty list matches nothing; leave the field out to match everything".into(),
+            ))
+        };
+        if self.ports.as_ref().is_some_and(Vec::is_empty) {
+            return empty("ports");
+        }
+        if self.workloads.as_ref().is_some_and(Vec::is_empty) {
+            return empty("workloads");
+        }
+        if self.hosts.as_ref().is_some_and(Vec::is_empty) {
+            return empty("hosts");
+        }
+        if self.paths.as_ref().is_some_and(Vec::is_empty) {
+            return empty("paths");
+        }
+        if let Some(i) = self.ports.iter().flatten().position(|&p| p == 0) {
+            return Err((format!("match.ports[{i}]"), "0 is not a port".into()));
+        }
+        // Workload names are not checked against `workloads:`: pods enrolled
+        // later (Kubernetes) are matched by the same names.
+        if let Some(i) = self.workloads.iter().flatten().position(String::is_empty) {
+            return Err((format!("match.workloads[{i}]"), "an empty name".into()));
+        }
+        if kind == PluginKind::Network {
+            for field in ["hosts", "paths"] {
+                let present = match field {
+                    "hosts" => self.hosts.is_some(),
+                    _ => self.paths.is_some(),
+                };
+                if present {
+                    return Err((
+                        format!("match.{field}"),
+                        "a network filter sees connections, not requests: only `ports` and `workloads` apply".into(),
+                    ));
+                }
+            }
+        }
+        for (i, host) in self.hosts.iter().flatten().enumerate() {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            if name.is_empty()
+                || name.contains(['*', ':', '/', ' '])
+                || name.starts_with('.')
+                || name.ends_with('.')
+            {
+                return Err((
+                    format!("match.hosts[{i}]"),
+                    format!(
+                        "{host:?}: expected a host name (`api.example.com`) or `*.` and a suffix (`*.example.com`), without a port"
+                    ),
+                ));
+            }
+        }
+        for (i, path) in self.paths.iter().flatten().enumerate() {
+            if !path.starts_with('/') {
+                return Err((
+                    format!("match.paths[{i}]"),
+                    format!("{path:?}: a path prefix starts with `/`"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `pattern` is `name` or `*.suffix`; `authority` may carry a port.
+fn host_matches(pattern: &str, authority: &[u8]) -> bool {
+    let host = strip_port(authority);
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                && host[host.len() - suffix.len() - 1] == b'.'
+        }
+        None => host.eq_ignore_ascii_case(pattern.as_bytes()),
+    }
+}
+
+fn strip_port(authority: &[u8]) -> &[u8] {
+    if authority.starts_with(b"[") {
+        // [v6]:port
+        return match authority.iter().position(|&b| b == b']') {
+            Some(end) => &authority[..=end],
+            None => authority,
+        };
+    }
+    match authority.iter().rposition(|&b| b == b':') {
+        Some(colon) if authority[colon + 1..].iter().all(u8::is_ascii_digit) => &authority[..colon],
+        _ => authority,
+    }
+}
+
+/// A compiled plugin with its role in the agent.
+#[derive(Clone)]
+pub struct ConfiguredPlugin {
+    pub plugin: Plugin,
+    pub kind: PluginKind,
+    pub matcher: Option<PluginMatch>,
+}
+
+impl ConfiguredPlugin {
+    /// Whether traffic with these facts goes through the plugin.
+    pub fn applies(&self, facts: &Facts<'_>) -> bool {
+        self.matcher.as_ref().is_none_or(|m| m.matches(facts))
+    }
+}
+
+/// The plugins of `kind`, in configuration order.
+pub fn of_kind(plugins: &[ConfiguredPlugin], kind: PluginKind) -> Vec<ConfiguredPlugin> {
+    plugins.iter().filter(|p| p.kind == kind).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts<'a>(port: u16, workload: &'a str, authority: &'a str, path: &'a str) -> Facts<'a> {
+        Facts {
+            destination_port: port,
+            source_workload: workload,
+            authority: Some(authority.as_bytes()),
+            path: Some(path.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn absent_conditions_match_everything_and_present_ones_must_all_hold() {
+        let any = PluginMatch::default();
+        assert!(any.matches(&facts(80, "a", "x", "/")));
+        let m = PluginMatch {
+            ports: Some(vec![80, 8080]),
+            workloads: Some(vec!["default/web".into()]),
+            hosts: Some(vec!["api.test".into(), "*.svc.test".into()]),
+            paths: Some(vec!["/v1/".into()]),
+        };
+        assert!(m.matches(&facts(8080, "default/web", "API.test:8080", "/v1/x?q=1")));
+        assert!(m.matches(&facts(80, "default/web", "a.b.svc.test", "/v1/")));
+        assert!(!m.matches(&facts(81, "default/web", "api.test", "/v1/")));
+        assert!(!m.matches(&facts(80, "other", "api.test", "/v1/")));
+        assert!(!m.matches(&facts(80, "default/web", "svc.test", "/v1/")));
+        assert!(!m.matches(&facts(80, "default/web", "xsvc.test", "/v1/")));
+        assert!(!m.matches(&facts(80, "default/web", "api.test", "/v2/v1/")));
+        assert!(!m.matches(&facts(80, "default/web", "api.test", "/x?/v1/")));
+    }
+
+    #[test]
+    fn tcp_connections_never_match_host_or_path_conditions() {
+        let m = PluginMatch {
+            hosts: Some(vec!["api.test".into()]),
+            ..Default::default()
+        };
+        let tcp = Facts {
+            destination_port: 5432,
+            source_workload: "a",
+            authority: None,
+            path: None,
+        };
+        assert!(!m.matches(&tcp));
+    }
+
+    #[test]
+    fn ports_are_stripped_from_authorities() {
+        assert_eq!(strip_port(b"a.test:80"), b"a.test");
+        assert_eq!(strip_port(b"a.test"), b"a.test");
+        assert_eq!(strip_port(b"[::1]:80"), b"[::1]");
+    }
+
+    #[test]
+    fn checks_name_the_field() {
+        let bad_host = PluginMatch {
+            hosts: Some(vec!["ok.test".into(), "*.".into()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            bad_host.check(PluginKind::Http).unwrap_err().0,
+            "match.hosts[1]"
+        );
+        let network = PluginMatch {
+            paths: Some(vec!["/".into()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            network.check(PluginKind::Network).unwrap_err().0,
+            "match.paths"
+        );
+        let unnamed = PluginMatch {
+            workloads: Some(vec![String::new()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            unnamed.check(PluginKind::Http).unwrap_err().0,
+            "match.workloads[0]"
+        );
+        let empty = PluginMatch {
+            ports: Some(vec![]),
+            ..Default::default()
+        };
+        assert_eq!(empty.check(PluginKind::Http).unwrap_err().0, "match.ports");
+    }
+}

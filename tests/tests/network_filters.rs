@@ -1,0 +1,465 @@
+//! Network (TCP) filters through the real agent (quick mode) over loopback:
+//! plugins of kind `network` see each TCP pass-through connection — new
+//! connection, data both ways (read and rewritten), pausing to buffer, close
+//! events — and their failure policy decides what a failure does to the
+//! connection. HTTP filters stay on HTTP connections and network filters on
+//! TCP ones.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use wisp_testbed::agent::{Agent, fresh_dir, metric};
+use wisp_testbed::{artifacts, http};
+
+/// A TCP server on loopback that records what each connection sent (until
+/// the client's FIN, or the end of an HTTP request head) and answers `pong`,
+/// or a small HTTP response to a `GET`; then closes.
+struct TcpServer {
+    addr: SocketAddr,
+    received: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TcpServer {
+    fn start(port: u16) -> TcpServer {
+        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (received, stop) = (received.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut stream) = stream else { continue };
+                    let received = received.clone();
+                    std::thread::spawn(move || {
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(10)))
+                            .unwrap();
+                        let mut got = Vec::new();
+                        let mut buf = [0u8; 4096];
+                        loop {
+                            match stream.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                            if got.starts_with(b"GET ") && got.windows(4).any(|w| w == b"\r\n\r\n")
+                            {
+                                break;
+                            }
+                        }
+                        let reply: &[u8] = if got.starts_with(b"GET ") {
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                        } else {
+                            b"pong"
+                        };
+                        received.lock().unwrap().push(got);
+                        let _ = stream.write_all(reply);
+                    });
+                }
+            })
+        };
+        TcpServer {
+            addr,
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn received(&self) -> Vec<String> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Connects to the agent, sends `parts` (pausing between them), half-closes
+/// and returns everything the agent sent back until it closed.
+fn exchange(port: u16, parts: &[&[u8]]) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        // The agent may already have closed (failure policy): not an error here.
+        let _ = stream.write_all(part);
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+fn proxy(listen: u16, admin: u16, upstream: u16, extra: &[&str]) -> Agent {
+    let mut args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{listen}"),
+        "--upstream",
+        &format!("127.0.0.1:{upstream}"),
+        "--admin",
+        &format!("127.0.0.1:{admin}"),
+        "--workers",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Agent::start_proxy(
+        &artifacts::wisp_bin().unwrap(),
+        &args,
+        SocketAddr::from(([127, 0, 0, 1], admin)),
+    )
+    .unwrap()
+}
+
+/// Waits until `check` holds for the agent's log (close callbacks run after
+/// the client has seen the connection end).
+fn wait_for_log(agent: &Agent, check: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = agent.log();
+        if check(&log) || std::time::Instant::now() > deadline {
+            return log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_network_filter_rewrites_buffers_and_pauses_on_tcp_connections() {
+    let server = TcpServer::start(19381);
+    let conformance = artifacts::conformance_filter_wasm().unwrap();
+    let agent = proxy(
+        19301,
+        19391,
+        19381,
+        &[
+            "--protocol",
+            "tcp",
+            "--plugin",
+            conformance.to_str().unwrap(),
+            "--root-id",
+            "tcp",
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    // The filter pauses until it has a whole line, then prefixes it; so the
+    // server gets the two writes as one rewritten line. The client's FIN is
+    // an empty end-of-stream buffer, which the filter prefixes too (Envoy
+    // calls onData with it as well).
+    let reply = exchange(19301, &[b"hel", b"lo\n"]);
+    assert_eq!(server.received(), vec!["[wisp] hello\n[wisp] ".to_owned()]);
+    // It appends `<eom>` to every upstream buffer: once to "pong", once to
+    // the empty buffer of the end of stream (as Envoy calls onWrite then).
+    assert_eq!(reply, "pong<eom><eom>");
+
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_downstream_connections_total",
+            &[("protocol", "tcp")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wisp_tcp_sent_bytes_total", &[]),
+        "[wisp] hello\n[wisp] ".len() as f64,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wisp_tcp_received_bytes_total", &[]),
+        "pong<eom><eom>".len() as f64,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wisp_wasm_plugin_failures_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn http_filters_run_on_http_and_network_filters_on_tcp_connections() {
+    let server = TcpServer::start(19382);
+    let conformance = artifacts::conformance_filter_wasm().unwrap();
+    let header_filter = artifacts::header_filter_wasm().unwrap();
+    let agent = proxy(
+        19302,
+        19392,
+        19382,
+        &[
+            "--plugin",
+            header_filter.to_str().unwrap(),
+            "--plugin-config",
+            r#"{"header_value": "http-only"}"#,
+            "--root-id",
+            "",
+            "--plugin-kind",
+            "http",
+            "--plugin",
+            conformance.to_str().unwrap(),
+            "--plugin-config",
+            "",
+            "--root-id",
+            "tcp",
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    // HTTP (sniffed): the header filter answers, the network filter is not
+    // involved (it would trap on HTTP callbacks and fail the request).
+    let reply = http::curl(&["http://127.0.0.1:19302/x"]).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.header("x-wisp-filter"), Some("http-only"));
+    assert_eq!(reply.body, "ok");
+    // Not HTTP: the network filter rewrites, the header filter never sees it.
+    let tcp = exchange(19302, &[b"ping\n"]);
+    assert_eq!(tcp, "pong<eom><eom>");
+    let received = server.received();
+    assert!(
+        received[0].starts_with("GET /x HTTP/1.1\r\n"),
+        "{received:?}"
+    );
+    assert_eq!(received[1], "[wisp] ping\n[wisp] ");
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(&metrics, "wisp_wasm_plugin_failures_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+}
+
+/// A network filter that logs its close events with the peer type
+/// (`proxy_peer_type`: 1 local, 2 remote).
+const CLOSE_LOGGER: &str = r#"
+(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "downstream closed, peer 0")
+  (data (i32.const 64) "upstream closed, peer 0")
+  (data (i32.const 112) "new connection")
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_new_connection") (param i32) (result i32)
+    (drop (call $log (i32.const 2) (i32.const 112) (i32.const 14)))
+    (i32.const 0))
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_downstream_connection_close") (param i32) (param $peer i32)
+    (i32.store8 (i32.const 40) (i32.add (i32.const 48) (local.get $peer)))
+    (drop (call $log (i32.const 2) (i32.const 16) (i32.const 25))))
+  (func (export "proxy_on_upstream_connection_close") (param i32) (param $peer i32)
+    (i32.store8 (i32.const 86) (i32.add (i32.const 48) (local.get $peer)))
+    (drop (call $log (i32.const 2) (i32.const 64) (i32.const 23)))))
+"#;
+
+/// A network filter whose downstream-data callback traps.
+const TRAPPING: &str = r#"
+(module
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_new_connection") (param i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) unreachable))
+"#;
+
+fn wasm_file(name: &str, wat: &str) -> std::path::PathBuf {
+    let path = fresh_dir().unwrap().join(name);
+    std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();
+    path
+}
+
+#[test]
+fn close_events_reach_the_filter_with_who_closed() {
+    let _server = TcpServer::start(19383);
+    let logger = wasm_file("close-logger.wasm", CLOSE_LOGGER);
+    let agent = proxy(
+        19303,
+        19393,
+        19383,
+        &[
+            "--protocol",
+            "tcp",
+            "--plugin",
+            logger.to_str().unwrap(),
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    // The client half-closes, the server answers and closes: both sides
+    // were closed by their peers.
+    assert_eq!(exchange(19303, &[b"hi\n"]), "pong");
+    let log = wait_for_log(&agent, |log| log.contains("upstream closed, peer 2"));
+    assert!(log.contains("new connection"), "{log}");
+    assert!(log.contains("downstream closed, peer 2"), "{log}");
+    assert!(log.contains("upstream closed, peer 2"), "{log}");
+    drop(agent);
+
+    // Nothing listens upstream: wisp closes the client's side itself.
+    let agent = proxy(
+        19306,
+        19396,
+        19386,
+        &[
+            "--protocol",
+            "tcp",
+            "--plugin",
+            logger.to_str().unwrap(),
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    assert_eq!(exchange(19306, &[b"hi\n"]), "");
+    let log = wait_for_log(&agent, |log| log.contains("upstream closed"));
+    assert!(log.contains("downstream closed, peer 1"), "{log}");
+    assert!(log.contains("upstream closed, peer 2"), "{log}");
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(&metrics, "wisp_upstream_connect_errors_total", &[]),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[test]
+fn fail_closed_closes_the_connection_and_fail_open_passes_bytes_untouched() {
+    let closed_server = TcpServer::start(19384);
+    let trap = wasm_file("trap.wasm", TRAPPING);
+    let closed = proxy(
+        19304,
+        19394,
+        19384,
+        &[
+            "--protocol",
+            "tcp",
+            "--failure-policy",
+            "FAIL_CLOSED",
+            "--plugin",
+            trap.to_str().unwrap(),
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    assert_eq!(exchange(19304, &[b"secret\n"]), "");
+    // The instance is gone, so the next connection is refused too.
+    assert_eq!(exchange(19304, &[b"again\n"]), "");
+    std::thread::sleep(Duration::from_millis(200));
+    for got in closed_server.received() {
+        assert_eq!(got, "", "the upstream saw bytes of a failed connection");
+    }
+    let metrics = closed.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_wasm_plugin_failures_total",
+            &[("plugin", "trap")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_wasm_plugin_unavailable_total",
+            &[("plugin", "trap")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_tcp_plugin_closes_total",
+            &[("plugin", "trap")]
+        ),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wisp_tcp_sent_bytes_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+
+    let open_server = TcpServer::start(19385);
+    let open = proxy(
+        19305,
+        19395,
+        19385,
+        &[
+            "--protocol",
+            "tcp",
+            "--failure-policy",
+            "FAIL_OPEN",
+            "--plugin",
+            trap.to_str().unwrap(),
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    assert_eq!(exchange(19305, &[b"hello\n"]), "pong");
+    assert_eq!(exchange(19305, &[b"again\n"]), "pong");
+    assert_eq!(
+        open_server.received(),
+        vec!["hello\n".to_owned(), "again\n".to_owned()]
+    );
+    let metrics = open.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_wasm_plugin_failures_total",
+            &[("plugin", "trap")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wisp_tcp_plugin_closes_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+}
