@@ -104,17 +104,21 @@ pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let redirect = config
         .redirect_target()
         .map_err(|message| anyhow::anyhow!("outbound.redirect_address: {message}"))?;
+    let outbound = ListenerSpec {
+        name: "outbound".into(),
+        addr: config.outbound.listen.value,
+        destination: Destination::Steered,
+        protocol: config.outbound.protocol,
+        port_protocols: config.outbound.ports.clone(),
+        // Steered traffic is the pods' own: TLS stays end to end.
+        tls: None,
+        upstream_tls: None,
+    };
+    let listeners = std::iter::once(outbound)
+        .chain(config.listeners.iter().map(|l| l.spec()))
+        .collect();
     let spec = ServeSpec {
-        listeners: vec![ListenerSpec {
-            name: "outbound".into(),
-            addr: config.outbound.listen.value,
-            destination: Destination::Steered,
-            protocol: config.outbound.protocol,
-            port_protocols: config.outbound.ports.clone(),
-            // Steered traffic is the pods' own: TLS stays end to end.
-            tls: None,
-            upstream_tls: None,
-        }],
+        listeners,
         plugins,
         workers: config.worker_count(),
         admin: config.admin.listen.value,

@@ -76,6 +76,10 @@ pub struct Config {
     /// Append one JSON line per HTTP request to this file.
     #[serde(default)]
     pub access_log: Option<PathBuf>,
+    /// Extra listeners with one fixed upstream each (gateways, ingress),
+    /// with TLS termination and origination (see `listener::ListenerConfig`).
+    #[serde(default)]
+    pub listeners: Vec<crate::listener::ListenerConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -222,6 +226,9 @@ impl Config {
                 plugin.module.value = base.join(&plugin.module.value);
             }
         }
+        for listener in &mut self.listeners {
+            listener.resolve_paths(base);
+        }
     }
 
     /// Checks what the types alone cannot: files exist, names are unique,
@@ -287,6 +294,11 @@ impl Config {
                         )
                     })?;
             }
+        }
+        for (i, listener) in self.listeners.iter().enumerate() {
+            listener.check(&self.listeners[..i], listen.value).map_err(
+                |(line, field, message)| invalid(line, format!("listeners[{i}].{field}"), message),
+            )?;
         }
         if let Some(v6) = &self.outbound.redirect_address_v6 {
             self.redirect_target_v6().map_err(|message| {
@@ -395,6 +407,7 @@ impl Config {
             "policy",
             "services",
             "inbound",
+            "listeners",
         ]
         .into_iter()
         .filter(|field| old.get(field) != new.get(field))

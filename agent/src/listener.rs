@@ -6,7 +6,8 @@ use std::net::{SocketAddr, SocketAddrV4};
 
 use serde::{Deserialize, Serialize};
 
-use crate::tls::{ServerTls, UpstreamTls};
+use crate::config::Located;
+use crate::tls::{ListenerTlsConfig, ServerTls, UpstreamTls, UpstreamTlsConfig};
 
 /// How a listener learns where an accepted connection was going.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -87,4 +88,141 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<SocketAdd
         ip,
         u16::from_be(addr.sin_port),
     )))
+}
+
+/// An extra listener of `wisp run` (`listeners:`): every connection goes to
+/// one upstream, e.g. a gateway or ingress for a service of this node. Unlike
+/// the steered `outbound` listener, whose connections keep their own TLS end
+/// to end, it can terminate TLS (`tls`) and originate it (`upstream_tls`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// For logs and metrics (`listener` label); unique, not `outbound`.
+    pub name: String,
+    /// Address to accept connections on, e.g. `0.0.0.0:8443`.
+    pub listen: Located<SocketAddr>,
+    /// Where every connection goes.
+    pub upstream: Located<SocketAddr>,
+    /// `auto` (default), `http1`, `http2` or `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Terminate TLS with these certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTlsConfig>,
+    /// Originate TLS (mTLS with a client certificate) to `upstream`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_tls: Option<UpstreamTlsConfig>,
+}
+
+impl ListenerConfig {
+    pub fn resolve_paths(&mut self, base: &std::path::Path) {
+        if let Some(tls) = &mut self.tls {
+            tls.resolve_paths(base);
+        }
+        if let Some(tls) = &mut self.upstream_tls {
+            tls.resolve_paths(base);
+        }
+    }
+
+    /// Checks `listeners[index]` against the listeners before it (and the
+    /// outbound one): `(line, field, message)`, the field relative to the
+    /// entry.
+    pub fn check(
+        &self,
+        earlier: &[ListenerConfig],
+        outbound: SocketAddr,
+    ) -> Result<(), (u64, String, String)> {
+        let line = self.listen.line;
+        if self.name.is_empty() || self.name == "outbound" {
+            return Err((
+                line,
+                "name".into(),
+                format!(
+                    "{:?}: give the listener a name of its own (not empty, not `outbound`)",
+                    self.name
+                ),
+            ));
+        }
+        if earlier.iter().any(|l| l.name == self.name) {
+            return Err((
+                line,
+                "name".into(),
+                format!("duplicate listener name {:?}", self.name),
+            ));
+        }
+        if self.listen.value.port() == 0 {
+            return Err((line, "listen".into(), "needs a fixed port".into()));
+        }
+        // SO_REUSEPORT would let two listeners share an address silently.
+        let clash = |other: SocketAddr| {
+            other.port() == self.listen.value.port()
+                && (other.ip() == self.listen.value.ip()
+                    || other.ip().is_unspecified()
+                    || self.listen.value.ip().is_unspecified())
+        };
+        if clash(outbound) {
+            return Err((
+                line,
+                "listen".into(),
+                format!(
+                    "{} overlaps outbound.listen ({outbound})",
+                    self.listen.value
+                ),
+            ));
+        }
+        if let Some(other) = earlier.iter().find(|l| clash(l.listen.value)) {
+            return Err((
+                line,
+                "listen".into(),
+                format!(
+                    "{} overlaps the listen address of listener {:?}",
+                    self.listen.value, other.name
+                ),
+            ));
+        }
+        if self.upstream.value.port() == 0 {
+            return Err((self.upstream.line, "upstream".into(), "needs a port".into()));
+        }
+        if let Some(tls) = &self.tls {
+            if self.protocol == Protocol::Tcp {
+                return Err((
+                    tls.cert.referenced.line(),
+                    "tls".into(),
+                    "a `tcp` listener passes bytes through untouched, TLS included; terminating TLS needs protocol auto, http1 or http2".into(),
+                ));
+            }
+            tls.check()
+                .map_err(|(line, field, message)| (line, format!("tls.{field}"), message))?;
+        }
+        if let Some(tls) = &self.upstream_tls {
+            if self.protocol == Protocol::Tcp {
+                return Err((
+                    tls.ca.referenced.line(),
+                    "upstream_tls".into(),
+                    "TLS origination is for HTTP; a `tcp` listener passes bytes through untouched"
+                        .into(),
+                ));
+            }
+            tls.check().map_err(|(line, field, message)| {
+                (line, format!("upstream_tls.{field}"), message)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// What the workers serve for this listener.
+    pub fn spec(&self) -> ListenerSpec {
+        ListenerSpec {
+            name: self.name.clone(),
+            addr: self.listen.value,
+            destination: Destination::Fixed(self.upstream.value),
+            protocol: self.protocol,
+            port_protocols: BTreeMap::new(),
+            tls: self.tls.as_ref().map(ListenerTlsConfig::server_tls),
+            upstream_tls: self
+                .upstream_tls
+                .as_ref()
+                .map(UpstreamTlsConfig::upstream_tls),
+        }
+    }
 }

@@ -161,6 +161,7 @@ impl ProxyArgs {
                     cert,
                     key,
                     client_ca: self.tls_client_ca,
+                    alpn: Vec::new(),
                 }),
                 _ => None,
             },
