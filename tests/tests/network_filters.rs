@@ -463,3 +463,25 @@ fn fail_closed_closes_the_connection_and_fail_open_passes_bytes_untouched() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_network_filter_runs_only_on_connections_its_match_selects() {
+    let matched = TcpServer::start(19387);
+    let other = TcpServer::start(19388);
+    let conformance = artifacts::conformance_filter_wasm().unwrap();
+    let yaml = format!(
+        "outbound:\n  listen: 0.0.0.0:19340\n  redirect_address: 10.213.67.1\nadmin:\n  listen: 127.0.0.1:19397\nworkers: 1\nebpf:\n  pin_path: {}\nplugins:\n  - name: tagger\n    module: {}\n    root_id: tcp\n    kind: network\n    match:\n      ports: [19387]\nlisteners:\n  - name: tcp-a\n    listen: 127.0.0.1:19341\n    upstream: 127.0.0.1:19387\n    protocol: tcp\n  - name: tcp-b\n    listen: 127.0.0.1:19342\n    upstream: 127.0.0.1:19388\n    protocol: tcp\n",
+        wisp_testbed::agent::test_pin_path(19340).display(),
+        conformance.display()
+    );
+    let _agent = Agent::start_yaml(
+        &artifacts::wisp_bin().unwrap(),
+        &yaml,
+        SocketAddr::from(([127, 0, 0, 1], 19397)),
+    )
+    .unwrap();
+    assert_eq!(exchange(19341, &[b"ping\n"]), "pong<eom><eom>");
+    assert_eq!(matched.received(), vec!["[wisp] ping\n[wisp] ".to_owned()]);
+    assert_eq!(exchange(19342, &[b"ping\n"]), "pong");
+    assert_eq!(other.received(), vec!["ping\n".to_owned()]);
+}
