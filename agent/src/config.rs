@@ -544,6 +544,9 @@ workloads:
         let config = Config::parse(path, &text).unwrap();
         assert_eq!(config.outbound.ports.get(&5432), Some(&Protocol::Tcp));
         assert_eq!(config.plugins.len(), 1);
+        let matcher = config.plugins[0].matcher.as_ref().unwrap();
+        assert_eq!(matcher.value.ports, Some(vec![80, 8080]));
+        assert_eq!(config.plugins[0].kind, crate::plugins::PluginKind::Http);
     }
 
     #[test]

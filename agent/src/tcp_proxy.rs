@@ -95,7 +95,6 @@ fn properties(conn: &ConnectionInfo) -> HashMap<String, Vec<u8>> {
         ("destination.address", conn.destination.to_string()),
         ("destination.port", conn.destination.port().to_string()),
         ("source.workload", conn.source_workload.clone()),
-        ("listener.name", conn.listener.clone()),
     ]
     .into_iter()
     .chain(
