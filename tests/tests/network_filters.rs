@@ -485,3 +485,52 @@ fn a_network_filter_runs_only_on_connections_its_match_selects() {
     assert_eq!(exchange(19342, &[b"ping\n"]), "pong");
     assert_eq!(other.received(), vec!["ping\n".to_owned()]);
 }
+
+#[test]
+fn a_reload_swaps_network_filters_for_new_connections_only() {
+    let server = TcpServer::start(19389);
+    let conformance = artifacts::conformance_filter_wasm().unwrap();
+    let config = |ports: &str| {
+        format!(
+            "outbound:\n  listen: 0.0.0.0:19350\n  redirect_address: 10.213.68.1\nadmin:\n  listen: 127.0.0.1:19398\nworkers: 1\nebpf:\n  pin_path: {}\nplugins:\n  - name: tagger\n    module: {}\n    root_id: tcp\n    kind: network\n    match:\n      ports: [{ports}]\nlisteners:\n  - name: tcp\n    listen: 127.0.0.1:19351\n    upstream: 127.0.0.1:19389\n    protocol: tcp\n",
+            wisp_testbed::agent::test_pin_path(19350).display(),
+            conformance.display()
+        )
+    };
+    // At first the tagger applies to another port only.
+    let agent = Agent::start_yaml(
+        &artifacts::wisp_bin().unwrap(),
+        &config("1"),
+        SocketAddr::from(([127, 0, 0, 1], 19398)),
+    )
+    .unwrap();
+    let mut open = TcpStream::connect("127.0.0.1:19351").unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    open.write_all(b"before\n").unwrap();
+
+    std::fs::write(agent.config_path(), config("19389")).unwrap();
+    agent.send_signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metric(
+        &agent.metrics().unwrap(),
+        "wisp_config_reloads_total",
+        &[("result", "applied")],
+    ) < 1.0
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A new connection gets the new chain …
+    assert_eq!(exchange(19351, &[b"new\n"]), "pong<eom><eom>");
+    // … the one open during the reload keeps the chain it started with.
+    open.write_all(b"after\n").unwrap();
+    open.shutdown(Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    open.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply, "pong");
+    let mut received = server.received();
+    received.sort();
+    assert_eq!(received, ["[wisp] new\n[wisp] ", "before\nafter\n"]);
+}
