@@ -534,3 +534,74 @@ fn a_reload_swaps_network_filters_for_new_connections_only() {
     received.sort();
     assert_eq!(received, ["[wisp] new\n[wisp] ", "before\nafter\n"]);
 }
+
+/// A network filter that holds every new connection (pause in
+/// `on_new_connection`) until its first data: data starting with `d`
+/// closes the connection (`proxy_close_stream`), anything else continues.
+const GATE: &str = r#"
+(module
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_new_connection") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_downstream_data") (param i32) (param $size i32) (param i32) (result i32)
+    (if (i32.eqz (local.get $size)) (then (return (i32.const 0))))
+    (drop (call $buf (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8) (i32.const 12)))
+    (if (i32.eq (i32.load8_u (i32.load (i32.const 8))) (i32.const 100))
+      (then
+        (drop (call $close (i32.const 2)))
+        (return (i32.const 1))))
+    (i32.const 0)))
+"#;
+
+#[test]
+fn a_filter_holds_the_upstream_connect_and_can_close_the_connection() {
+    let server = TcpServer::start(19379);
+    let gate = wasm_file("gate.wasm", GATE);
+    let agent = proxy(
+        19308,
+        19399,
+        19379,
+        &[
+            "--protocol",
+            "tcp",
+            "--plugin",
+            gate.to_str().unwrap(),
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    // Denied before the filter let the connection through: the upstream is
+    // never even connected.
+    assert_eq!(exchange(19308, &[b"deny\n"]), "");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(server.received().is_empty(), "{:?}", server.received());
+    // Allowed: connected on the first data, which goes through unchanged.
+    assert_eq!(exchange(19308, &[b"allow\n"]), "pong");
+    assert_eq!(server.received(), ["allow\n"]);
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_tcp_plugin_closes_total",
+            &[("plugin", "gate")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "wisp_wasm_plugin_failures_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+}
