@@ -241,6 +241,29 @@ pub fn fresh_dir() -> Result<PathBuf, AgentError> {
     Ok(dir)
 }
 
+/// A [`fresh_dir`] that is removed when dropped, passed or failed (a test's
+/// certificates, modules, config files).
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new() -> Result<TestDir, AgentError> {
+        fresh_dir().map(TestDir)
+    }
+}
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn io(what: &str) -> impl FnOnce(std::io::Error) -> AgentError {
     let what = what.to_owned();
     move |source| AgentError::Io { what, source }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use wisp_testbed::agent::{Agent, fresh_dir, metric};
+use wisp_testbed::agent::{Agent, TestDir, metric};
 use wisp_testbed::{artifacts, http};
 
 /// A TCP server on loopback that records what each connection sent (until
@@ -307,10 +307,23 @@ const TRAPPING: &str = r#"
   (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) unreachable))
 "#;
 
-fn wasm_file(name: &str, wat: &str) -> std::path::PathBuf {
-    let path = fresh_dir().unwrap().join(name);
+/// A module compiled from `wat`, in a directory removed when dropped.
+struct WasmFile {
+    _dir: TestDir,
+    path: std::path::PathBuf,
+}
+
+impl WasmFile {
+    fn to_str(&self) -> Option<&str> {
+        self.path.to_str()
+    }
+}
+
+fn wasm_file(name: &str, wat: &str) -> WasmFile {
+    let dir = TestDir::new().unwrap();
+    let path = dir.join(name);
     std::fs::write(&path, wat::parse_str(wat).unwrap()).unwrap();
-    path
+    WasmFile { _dir: dir, path }
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-use wisp_testbed::agent::{Agent, fresh_dir, test_pin_path};
+use wisp_testbed::agent::{Agent, TestDir, test_pin_path};
 use wisp_testbed::artifacts;
 use wisp_testbed::http::curl;
 use wisp_testbed::process::ChildGuard;
@@ -67,7 +67,7 @@ fn ran(port: u16, host: &str, path: &str) -> Vec<String> {
 
 #[test]
 fn plugins_run_only_on_requests_their_match_selects() {
-    let dir = fresh_dir().unwrap();
+    let dir = TestDir::new().unwrap();
     let marker = dir.join("marker.wasm");
     std::fs::write(&marker, wat::parse_str(MARKER).unwrap()).unwrap();
     let _api = echo(19373);
@@ -119,7 +119,6 @@ fn plugins_run_only_on_requests_their_match_selects() {
         serde_json::from_str(&agent.admin_get("/plugins").unwrap().body).unwrap();
     assert_eq!(plugins[3]["match"]["ports"][0], 19374, "{plugins}");
     assert_eq!(plugins[3]["kind"], "http", "{plugins}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `wisp check-config` on `yaml`: exit code and stderr.
@@ -139,7 +138,7 @@ fn check_config(dir: &Path, yaml: &str) -> (Option<i32>, String) {
 
 #[test]
 fn match_mistakes_are_refused_with_line_and_field() {
-    let dir = fresh_dir().unwrap();
+    let dir = TestDir::new().unwrap();
     std::fs::write(dir.join("f.wasm"), wat::parse_str(MARKER).unwrap()).unwrap();
     let head =
         "outbound:\n  listen: 10.213.66.1:19339\nplugins:\n  - name: f\n    module: f.wasm\n";
@@ -187,5 +186,4 @@ fn match_mistakes_are_refused_with_line_and_field() {
         ),
     );
     assert_eq!(code, Some(0), "{stderr}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 
-use wisp_testbed::agent::{Agent, fresh_dir, metric, test_pin_path};
+use wisp_testbed::agent::{Agent, TestDir, metric, test_pin_path};
 use wisp_testbed::artifacts;
 use wisp_testbed::http::curl;
 use wisp_testbed::pki::TestPki;
@@ -96,7 +96,7 @@ fn fingerprint(cert: &Path) -> String {
 
 #[test]
 fn a_config_listener_terminates_mtls_with_alpn_and_plugins_see_the_connection() {
-    let dir = fresh_dir().unwrap();
+    let dir = TestDir::new().unwrap();
     let pki = TestPki::generate(&dir).unwrap();
     let plugin = dir.join("properties.wasm");
     std::fs::write(&plugin, wat::parse_str(PROPERTIES_TO_HEADERS).unwrap()).unwrap();
@@ -196,12 +196,11 @@ fn a_config_listener_terminates_mtls_with_alpn_and_plugins_see_the_connection() 
         1.0,
         "{metrics}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_config_listener_originates_mtls_to_its_upstream() {
-    let dir = fresh_dir().unwrap();
+    let dir = TestDir::new().unwrap();
     let pki = TestPki::generate(&dir).unwrap();
     let _echo = echo(19371);
     // The upstream: a TLS-terminating wisp that requires client certificates.
@@ -263,7 +262,6 @@ fn a_config_listener_originates_mtls_to_its_upstream() {
         metric(&metrics, "wisp_tls_handshake_errors_total", &[]) >= 1.0,
         "{metrics}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `wisp check-config` on `yaml`: exit code and stderr.
@@ -283,7 +281,7 @@ fn check_config(dir: &Path, yaml: &str) -> (Option<i32>, String) {
 
 #[test]
 fn tls_mistakes_are_refused_with_file_line_and_field() {
-    let dir = fresh_dir().unwrap();
+    let dir = TestDir::new().unwrap();
     let pki = TestPki::generate(&dir).unwrap();
     std::fs::write(dir.join("garbage.pem"), "not a certificate\n").unwrap();
     let head = "outbound:\n  listen: 10.213.65.1:19319\nlisteners:\n  - name: in\n    listen: 127.0.0.1:19318\n    upstream: 127.0.0.1:19317\n";
@@ -351,5 +349,4 @@ fn tls_mistakes_are_refused_with_file_line_and_field() {
     // Relative paths are read from the config file's directory.
     let (code, stderr) = check_config(&dir, &tls("server.pem", "server-key.pem", ""));
     assert_eq!(code, Some(0), "{stderr}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
