@@ -110,9 +110,16 @@ pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         destination: Destination::Steered,
         protocol: config.outbound.protocol,
         port_protocols: config.outbound.ports.clone(),
-        // Steered traffic is the pods' own: TLS stays end to end.
+        // Steered traffic is the pods' own: TLS they speak stays end to end;
+        // TLS is only added towards ports that ask for it.
         tls: None,
         upstream_tls: None,
+        port_upstream_tls: config
+            .outbound
+            .upstream_tls
+            .iter()
+            .map(|(port, tls)| (*port, tls.upstream_tls()))
+            .collect(),
     };
     let listeners = std::iter::once(outbound)
         .chain(config.listeners.iter().map(|l| l.spec()))
@@ -193,6 +200,7 @@ pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
         port_protocols: BTreeMap::new(),
         tls: quick.tls,
         upstream_tls: quick.upstream_tls,
+        port_upstream_tls: BTreeMap::new(),
     };
     // Certificates are read now so a bad file stops start-up with its name.
     if let Some(tls) = &listener.tls {

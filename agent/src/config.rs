@@ -105,6 +105,10 @@ pub struct OutboundConfig {
     /// server-first protocol that detection would wait on.
     #[serde(default)]
     pub ports: BTreeMap<u16, Protocol>,
+    /// Per destination port: originate TLS (mTLS with a client certificate)
+    /// to steered HTTP connections to that port, e.g. `{443: {ca, server_name}}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstream_tls: BTreeMap<u16, crate::tls::UpstreamTlsConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -229,6 +233,9 @@ impl Config {
         for listener in &mut self.listeners {
             listener.resolve_paths(base);
         }
+        for tls in self.outbound.upstream_tls.values_mut() {
+            tls.resolve_paths(base);
+        }
     }
 
     /// Checks what the types alone cannot: files exist, names are unique,
@@ -294,6 +301,30 @@ impl Config {
                         )
                     })?;
             }
+        }
+        for (port, tls) in &self.outbound.upstream_tls {
+            let protocol = self
+                .outbound
+                .ports
+                .get(port)
+                .copied()
+                .unwrap_or(self.outbound.protocol);
+            if protocol == Protocol::Tcp {
+                return Err(invalid(
+                    tls.ca.referenced.line(),
+                    format!("outbound.upstream_tls.{port}"),
+                    format!(
+                        "port {port} is passed through as tcp; TLS origination wraps HTTP (protocol auto, http1 or http2)"
+                    ),
+                ));
+            }
+            tls.check().map_err(|(line, field, message)| {
+                invalid(
+                    line,
+                    format!("outbound.upstream_tls.{port}.{field}"),
+                    message,
+                )
+            })?;
         }
         for (i, listener) in self.listeners.iter().enumerate() {
             listener.check(&self.listeners[..i], listen.value).map_err(

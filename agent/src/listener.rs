@@ -51,6 +51,9 @@ pub struct ListenerSpec {
     pub tls: Option<ServerTls>,
     /// Originate TLS (or mTLS) to the upstream.
     pub upstream_tls: Option<UpstreamTls>,
+    /// Originate TLS (or mTLS) to destinations on these ports, overriding
+    /// `upstream_tls` (`outbound.upstream_tls`).
+    pub port_upstream_tls: BTreeMap<u16, UpstreamTls>,
 }
 
 impl ListenerSpec {
@@ -223,6 +226,7 @@ impl ListenerConfig {
                 .upstream_tls
                 .as_ref()
                 .map(UpstreamTlsConfig::upstream_tls),
+            port_upstream_tls: BTreeMap::new(),
         }
     }
 }

@@ -136,11 +136,22 @@ fn run_worker(
                         .map_err(tls_err)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let upstreams = context
+            let mut upstreams = context
                 .listeners
                 .iter()
                 .map(|spec| Upstreams::new(spec.upstream_tls.as_ref()).map_err(tls_err))
                 .collect::<Result<Vec<_>, _>>()?;
+            // Destination ports with TLS origination get pools of their own,
+            // after the listeners' (see `Listener::port_upstreams`).
+            let mut port_upstreams = Vec::with_capacity(context.listeners.len());
+            for spec in context.listeners.iter() {
+                let mut by_port = std::collections::BTreeMap::new();
+                for (port, tls) in &spec.port_upstream_tls {
+                    by_port.insert(*port, upstreams.len());
+                    upstreams.push(Upstreams::new(Some(tls)).map_err(tls_err)?);
+                }
+                port_upstreams.push(by_port);
+            }
             let access_log = context
                 .access_log
                 .as_deref()
@@ -150,15 +161,24 @@ fn run_worker(
             let plugins = context.plugins.borrow().clone();
             let (chain, network) =
                 build_chains(&plugins).map_err(|source| WorkerError::Plugin { index, source })?;
-            Ok((sockets, acceptors, upstreams, access_log, chain, network))
+            Ok((
+                sockets,
+                acceptors,
+                upstreams,
+                port_upstreams,
+                access_log,
+                chain,
+                network,
+            ))
         })();
-        let (sockets, acceptors, upstreams, access_log, chain, network) = match setup {
-            Ok(ok) => ok,
-            Err(error) => {
-                let _ = ready.send(Err(error));
-                return;
-            }
-        };
+        let (sockets, acceptors, upstreams, port_upstreams, access_log, chain, network) =
+            match setup {
+                Ok(ok) => ok,
+                Err(error) => {
+                    let _ = ready.send(Err(error));
+                    return;
+                }
+            };
         let _ = ready.send(Ok(()));
         let http = Rc::new(HttpWorker::new(
             chain,
@@ -180,22 +200,26 @@ fn run_worker(
             .cloned()
             .zip(sockets)
             .zip(acceptors)
+            .zip(port_upstreams)
             .enumerate()
-            .map(|(listener_index, ((spec, socket), tls))| {
-                let listener = Listener {
-                    index: listener_index,
-                    spec,
-                    socket,
-                    tls,
-                };
-                tokio::task::spawn_local(accept_loop(
-                    listener,
-                    http.clone(),
-                    network.clone(),
-                    connections.clone(),
-                    context.clone(),
-                ))
-            })
+            .map(
+                |(listener_index, (((spec, socket), tls), port_upstreams))| {
+                    let listener = Listener {
+                        index: listener_index,
+                        spec,
+                        socket,
+                        tls,
+                        port_upstreams,
+                    };
+                    tokio::task::spawn_local(accept_loop(
+                        listener,
+                        http.clone(),
+                        network.clone(),
+                        connections.clone(),
+                        context.clone(),
+                    ))
+                },
+            )
             .collect();
         for task in accepting {
             let _ = task.await;
@@ -292,6 +316,10 @@ struct Listener {
     spec: ListenerSpec,
     socket: tokio::net::TcpListener,
     tls: Option<TlsAcceptor>,
+    /// Destination port → index of its TLS-originating upstream pools in
+    /// the worker's list (`outbound.upstream_tls`); other ports use the
+    /// listener's own, at `index`.
+    port_upstreams: std::collections::BTreeMap<u16, usize>,
 }
 
 async fn accept_loop(
@@ -316,10 +344,15 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(conn) = connection_info(&listener.spec, listener.index, &stream, peer, &context)
+        let Some(mut conn) =
+            connection_info(&listener.spec, listener.index, &stream, peer, &context)
         else {
             continue;
         };
+        // `listener_index` picks the upstream pools a request uses.
+        if let Some(&pools) = listener.port_upstreams.get(&conn.destination.port()) {
+            conn.listener_index = pools;
+        }
         let _ = stream.set_nodelay(true);
         connections.spawn_local(serve_connection(
             listener.clone(),
@@ -374,6 +407,16 @@ async fn serve_connection(
         Protocol::Auto => crate::sniff::detect(&stream).await,
         configured => configured,
     };
+    if protocol == Protocol::Tcp
+        && listener
+            .port_upstreams
+            .contains_key(&conn.destination.port())
+    {
+        // TLS origination is configured for this port, and HTTP is what it
+        // wraps: never send these bytes on in plaintext.
+        tracing::warn!(peer = %conn.peer, destination = %conn.destination, "closing a non-HTTP connection to a port with upstream TLS");
+        return;
+    }
     let served_as = match protocol {
         Protocol::Tcp => "tcp",
         Protocol::Http2 => "http2",

@@ -335,6 +335,22 @@ fn tls_mistakes_are_refused_with_file_line_and_field() {
             ],
         ),
     ];
+    let ca = p(&pki.ca);
+    let outbound = |port: &str, ca: &str| {
+        format!(
+            "outbound:\n  listen: 10.213.65.1:19319\n  ports:\n    5432: tcp\n  upstream_tls:\n    {port}:\n      ca: {ca}\n      server_name: svc.test\n"
+        )
+    };
+    let cases = cases.into_iter().chain([
+        (
+            outbound("5432", &ca),
+            vec![":7: `outbound.upstream_tls.5432`", "passed through as tcp"],
+        ),
+        (
+            outbound("443", "nope.pem"),
+            vec![":7: `outbound.upstream_tls.443.ca`", "no such file"],
+        ),
+    ]);
     for (yaml, expected) in cases {
         let (code, stderr) = check_config(&dir, &yaml);
         assert_eq!(code, Some(78), "{yaml}\n{stderr}");
