@@ -330,6 +330,13 @@ impl Slot {
         match result {
             Ok(action) => {
                 self.supervisor.on_success();
+                let context = match stream.states[index] {
+                    State::Active { id, .. } => Some(id),
+                    _ => None,
+                };
+                // Continue requests need nothing here: the connection goes on
+                // with the next data either way (no timers or callouts reach
+                // network filters yet, so nothing else could resume it).
                 let close = self
                     .supervisor
                     .instance(Instant::now())
@@ -337,7 +344,8 @@ impl Slot {
                     .unwrap_or_default()
                     .iter()
                     .any(|request| {
-                        request.kind == StreamRequestKind::Close
+                        Some(request.context_id) == context
+                            && request.kind == StreamRequestKind::Close
                             && matches!(
                                 request.stream,
                                 StreamType::Downstream | StreamType::Upstream
