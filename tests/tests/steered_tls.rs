@@ -2,7 +2,8 @@
 //! network namespaces against the real kernel: an enrolled pod speaks plain
 //! HTTP to a port listed in `outbound.upstream_tls`, and the agent carries
 //! the request to that destination over mTLS with certificates generated in
-//! the test.
+//! the test. On the way, plugins matched by source workload run for the
+//! steered pod's requests and the others do not.
 //!
 //! Needs root, curl and iproute2 (`cargo xtask test` sets them up).
 
@@ -12,6 +13,34 @@ use wisp_testbed::agent::{Agent, TestDir, metric, test_pin_path};
 use wisp_testbed::node::SimNode;
 use wisp_testbed::pki::TestPki;
 use wisp_testbed::{artifacts, http};
+
+/// Adds the request header named by its plugin configuration, value `1`.
+const MARKER: &str = r#"
+(module
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "1")
+  (global $next (mut i32) (i32.const 4096))
+  (global $name (mut i32) (i32.const 0))
+  (global $len (mut i32) (i32.const 0))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32) (param $size i32) (result i32)
+    (drop (call $buf (i32.const 7) (i32.const 0) (local.get $size) (i32.const 8) (i32.const 12)))
+    (global.set $name (i32.load (i32.const 8)))
+    (global.set $len (i32.load (i32.const 12)))
+    (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 0) (global.get $name) (global.get $len) (i32.const 100) (i32.const 1)))
+    (i32.const 0)))
+"#;
 
 #[test]
 fn a_steered_request_to_a_port_with_upstream_tls_goes_out_over_mtls() {
@@ -56,8 +85,15 @@ fn a_steered_request_to_a_port_with_upstream_tls_goes_out_over_mtls() {
     )
     .unwrap();
 
+    // Adds the request header named by its plugin configuration.
+    let marker = dir.join("marker.wasm");
+    std::fs::write(&marker, wat::parse_str(MARKER).unwrap()).unwrap();
+    let plugins = format!(
+        "plugins:\n  - name: for-a\n    module: {m}\n    configuration: x-ran-for-a\n    match:\n      workloads: [a]\n  - name: for-b\n    module: {m}\n    configuration: x-ran-for-b\n    match:\n      workloads: [b]\n",
+        m = marker.display()
+    );
     let yaml = format!(
-        "outbound:\n  listen: {node_ip}:19360\n  upstream_tls:\n    19362:\n      ca: {}\n      server_name: svc.test\n      client_cert: {}\n      client_key: {}\nadmin:\n  listen: 127.0.0.1:19361\nworkers: 1\nebpf:\n  pin_path: {}\nworkloads:\n  - name: a\n    netns: {}\n",
+        "{plugins}outbound:\n  listen: {node_ip}:19360\n  upstream_tls:\n    19362:\n      ca: {}\n      server_name: svc.test\n      client_cert: {}\n      client_key: {}\nadmin:\n  listen: 127.0.0.1:19361\nworkers: 1\nebpf:\n  pin_path: {}\nworkloads:\n  - name: a\n    netns: {}\n",
         p(&pki.ca),
         p(&pki.client_cert),
         p(&pki.client_key),
@@ -78,6 +114,8 @@ fn a_steered_request_to_a_port_with_upstream_tls_goes_out_over_mtls() {
     let seen = reply.echo().expect("the echo server's JSON");
     assert_eq!(seen["path"], "/tls-out");
     assert_eq!(seen["server"], "upstream");
+    assert_eq!(seen["headers"]["x-ran-for-a"], "1", "{seen}");
+    assert!(seen["headers"].get("x-ran-for-b").is_none(), "{seen}");
 
     let front = agent.metrics().unwrap();
     assert_eq!(
