@@ -16,6 +16,7 @@ pub mod filter_chain;
 pub mod http_proxy;
 pub mod listener;
 pub mod metrics;
+pub mod module_fetch;
 pub mod pod_resolver;
 pub mod reload;
 pub mod sniff;
