@@ -432,7 +432,11 @@ impl ModuleFetcher {
             .sleep(tokio::time::sleep)
             .when(|e: &AttemptError| e.transient)
             .notify(|e: &AttemptError, delay: Duration| {
-                tracing::warn!(origin = url, error = %e.error, retry_in = ?delay, "module fetch failed; retrying");
+                let reason = match &e.error {
+                    FetchError::Unavailable { reason, .. } => reason.clone(),
+                    other => other.to_string(),
+                };
+                tracing::warn!(origin = url, reason, retry_in = ?delay, "module fetch failed; retrying");
             })
             .await
             .map_err(|e| match e.error {
@@ -490,7 +494,16 @@ fn tls_error(error: &(dyn std::error::Error + 'static)) -> Option<String> {
         }
         current = e.source();
     }
-    None
+    // hyper-util's connect errors do not always expose their cause to
+    // downcasting; rustls's own wording identifies it then.
+    let text = error_chain(error);
+    [
+        "invalid peer certificate",
+        "received fatal alert",
+        "peer is incompatible",
+    ]
+    .iter()
+    .find_map(|mark| text.find(mark).map(|at| text[at..].to_owned()))
 }
 
 #[cfg(test)]
