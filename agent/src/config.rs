@@ -738,6 +738,72 @@ workloads:
     }
 
     #[test]
+    fn url_modules_need_a_pin_and_http_needs_allow_http() {
+        let sha = "ab".repeat(32);
+        let https = GOOD.replace(
+            "    module: filter.wasm",
+            &format!("    module: https://plugins.test/f.wasm\n    sha256: sha256:{sha}"),
+        );
+        let config = load_str(&https).unwrap();
+        assert_eq!(
+            config.plugins[0].module.value,
+            "https://plugins.test/f.wasm"
+        );
+        assert_eq!(config.modules.fetch_retries, 3);
+        let unpinned = GOOD.replace("    module: filter.wasm", "    module: oci://r.test/f:v1");
+        let err = load_str(&unpinned).unwrap_err().to_string();
+        assert!(err.contains(":6: `plugins[0].sha256`: required"), "{err}");
+        // A reference by digest pins itself.
+        let digest = GOOD.replace(
+            "    module: filter.wasm",
+            &format!("    module: oci://r.test/f@sha256:{sha}"),
+        );
+        load_str(&digest).unwrap();
+        let bad_sha = https.replace(&format!("sha256:{sha}"), "sha256:abc");
+        let err = load_str(&bad_sha).unwrap_err().to_string();
+        assert!(err.contains(":7: `plugins[0].sha256`"), "{err}");
+        let http = https.replace("https://", "http://");
+        let err = load_str(&http).unwrap_err().to_string();
+        assert!(
+            err.contains(":6: `plugins[0].module`") && err.contains("allow_http"),
+            "{err}"
+        );
+        load_str(&format!("{http}modules:\n  allow_http: true\n")).unwrap();
+        let ftp = GOOD.replace("    module: filter.wasm", "    module: ftp://x/f.wasm");
+        let err = load_str(&ftp).unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme ftp://"), "{err}");
+    }
+
+    #[test]
+    fn modules_fields_are_checked_and_paths_resolved() {
+        let with = |modules: &str| format!("{GOOD}modules:\n{modules}");
+        let config = load_str(&with("  cache_dir: cache\n")).unwrap();
+        assert!(config.modules.cache_dir.is_absolute());
+        let err = load_str(&with("  cache_dir: c\n  fetch_timeout_seconds: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":12: `modules.fetch_timeout_seconds`"),
+            "{err}"
+        );
+        let err = load_str(&with("  ca_file: nope.pem\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":11: `modules.ca_file`") && err.contains("nope.pem"),
+            "{err}"
+        );
+        let err = load_str(&with("  ca_file: filter.wasm\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds no PEM certificate"), "{err}");
+        let err = load_str(&with("  cache_size: 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `cache_size`"), "{err}");
+    }
+
+    #[test]
     fn missing_netns_is_named() {
         let text = GOOD.replace("/proc/self/ns/net", "/var/run/netns/does-not-exist");
         let err = load_str(&text).unwrap_err().to_string();
