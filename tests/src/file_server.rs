@@ -1,7 +1,8 @@
 //! A small static file server for module-fetch tests, over HTTPS (rustls,
 //! with a certificate from [`crate::pki`]) or plain HTTP, on its own thread.
 //! It records every request path, can be told to answer 503 to the next N
-//! requests (a server having trouble), and stops when dropped.
+//! requests (a server having trouble) or to redirect a path, and stops when
+//! dropped.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -18,6 +19,7 @@ use hyper_util::rt::TokioIo;
 #[derive(Default)]
 struct State {
     files: Mutex<HashMap<String, Vec<u8>>>,
+    redirects: Mutex<HashMap<String, String>>,
     requests: Mutex<Vec<String>>,
     fail_next: AtomicU32,
 }
@@ -122,6 +124,15 @@ impl FileServer {
             .insert(path.to_owned(), body);
     }
 
+    /// Answers requests for `path` with `302 Found` to `location`.
+    pub fn redirect(&self, path: &str, location: &str) {
+        self.state
+            .redirects
+            .lock()
+            .expect("file server state")
+            .insert(path.to_owned(), location.to_owned());
+    }
+
     /// Answers `503 Service Unavailable` to the next `n` requests.
     pub fn fail_next(&self, n: u32) {
         self.state.fail_next.store(n, Ordering::SeqCst);
@@ -148,6 +159,18 @@ fn respond(state: &State, req: Request<hyper::body::Incoming>) -> Response<Full<
         .fail_next
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
+    if let Some(location) = state
+        .redirects
+        .lock()
+        .expect("file server state")
+        .get(&path)
+    {
+        return Response::builder()
+            .status(302)
+            .header("location", location)
+            .body(Full::new(Bytes::new()))
+            .expect("a valid response");
+    }
     let (status, body) = if failing {
         (503, b"try again later\n".to_vec())
     } else {

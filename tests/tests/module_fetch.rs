@@ -287,12 +287,36 @@ fn plain_http_is_refused_unless_allowed() {
     assert_eq!(outcome.code, Some(78), "{}", outcome.stderr);
     assert_fails(&outcome, &["`plugins[0].sha256`: required"]);
 
-    let allowed = modules_yaml(dir.path(), None, "  allow_http: true\n");
+    // Nor may an HTTPS URL redirect to plain HTTP.
+    let (pki, tls) = https_server(dir.path(), 19607);
+    tls.redirect("/hf.wasm", url);
+    let redirected = "https://127.0.0.1:19607/hf.wasm";
+    let outcome = check_config(
+        dir.path(),
+        &config(
+            &modules_yaml(dir.path(), Some(&pki), ""),
+            &[(redirected, Some(&sha))],
+        ),
+    );
+    assert_fails(&outcome, &[&format!("redirected to {url}"), "allow_http"]);
+    assert!(server.requests().is_empty());
+
+    let allowed = modules_yaml(dir.path(), Some(&pki), "  allow_http: true\n");
     assert_ok(
         &check_config(dir.path(), &config(&allowed, &[(url, Some(&sha))])),
         1,
     );
     assert_eq!(server.requests(), vec!["/hf.wasm"]);
+    let fresh = modules_yaml(
+        &dir.path().join("fresh"),
+        Some(&pki),
+        "  allow_http: true\n",
+    );
+    assert_ok(
+        &check_config(dir.path(), &config(&fresh, &[(redirected, Some(&sha))])),
+        1,
+    );
+    assert_eq!(server.requests(), vec!["/hf.wasm", "/hf.wasm"]);
 }
 
 #[test]

@@ -547,6 +547,21 @@ mod tests {
     }
 
     #[test]
+    fn the_fetcher_can_be_shared_between_tasks() {
+        // The Kubernetes control loop fetches from spawned tasks.
+        fn shared<T: Send + Sync>(_: &T) {}
+        fn sendable<F: Future + Send>(_: F) {}
+        let dir = tempfile::tempdir().unwrap();
+        let fetcher = ModuleFetcher::new(&ModulesConfig {
+            cache_dir: dir.path().to_owned(),
+            ..Default::default()
+        })
+        .unwrap();
+        shared(&fetcher);
+        sendable(fetcher.fetch("/nonexistent.wasm", None));
+    }
+
+    #[test]
     fn sha256_accepts_hex_with_or_without_prefix() {
         let hex = "AB".repeat(32);
         assert_eq!(parse_sha256(&hex).unwrap(), "ab".repeat(32));
