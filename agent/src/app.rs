@@ -17,47 +17,75 @@ use tokio::signal::unix::{SignalKind, signal};
 use wisp_wasm_host::{FailurePolicy, Plugin, PluginConfig};
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
+use crate::config::{Config, ModulesConfig};
 use crate::ebpf::Dataplane;
 use crate::listener::{Destination, ListenerSpec, Protocol};
 use crate::metrics::{KernelCounters, Metrics};
 use crate::plugins::{ConfiguredPlugin, PluginKind, PluginMatch};
+use crate::module_fetch::ModuleFetcher;
 use crate::worker::{DataplaneCell, WorkerContext, Workers};
 
 /// A plugin to load: where its module is, how to configure it, and whether
 /// it is an HTTP or a network filter and for which traffic.
 pub struct PluginSource {
-    pub module: PathBuf,
+    /// A path or URL (see [`crate::module_fetch`]).
+    pub module: String,
+    /// The module's pin, `HEX` or `sha256:HEX`.
+    pub sha256: Option<String>,
+    /// Where the plugin is configured, for errors: `FILE:LINE: `plugins[i].module``.
+    pub defined_at: Option<String>,
     pub config: PluginConfig,
     pub kind: PluginKind,
     pub matcher: Option<PluginMatch>,
 }
 
-/// Compiles plugins once; every worker instantiates them.
-pub fn compile_plugins(sources: &[PluginSource]) -> anyhow::Result<Vec<ConfiguredPlugin>> {
-    sources
-        .iter()
-        .map(|source| {
-            let path = &source.module;
-            let name = &source.config.name;
-            let wasm = std::fs::read(path)
-                .with_context(|| format!("reading plugin module {}", path.display()))?;
-            // The host also accepts the text format (for its own tests); a
-            // deployed plugin must be a binary module.
-            anyhow::ensure!(
-                wasm.starts_with(b"\0asm"),
-                "plugin {name:?}: {} is not a WebAssembly binary module (no \\0asm header)",
-                path.display()
-            );
-            let plugin = Plugin::compile(source.config.clone(), &wasm)
-                .with_context(|| format!("plugin {name:?} ({})", path.display()))?;
-            Ok(ConfiguredPlugin {
-                plugin,
-                kind: source.kind,
-                matcher: source.matcher.clone(),
-            })
-        })
-        .collect()
+/// Fetches (or reads) every module and compiles it once; every worker
+/// instantiates the result. Fails on the first plugin that cannot load,
+/// naming it and where it is configured.
+pub async fn load_plugins(
+    fetcher: &ModuleFetcher,
+    sources: &[PluginSource],
+) -> anyhow::Result<Vec<ConfiguredPlugin>> {
+    let mut plugins = Vec::with_capacity(sources.len());
+    for source in sources {
+        let name = &source.config.name;
+        let at = source
+            .defined_at
+            .as_ref()
+            .map_or_else(String::new, |at| format!("{at}: "));
+        let module = fetcher
+            .fetch(&source.module, source.sha256.as_deref())
+            .await
+            .map_err(|e| anyhow::anyhow!("{at}plugin {name:?}: {e}"))?;
+        // The host also accepts the text format (for its own tests); a
+        // deployed plugin must be a binary module.
+        anyhow::ensure!(
+            module.bytes.starts_with(b"\0asm"),
+            "{at}plugin {name:?}: {} is not a WebAssembly binary module (no \\0asm header)",
+            source.module
+        );
+        let plugin = Plugin::compile(source.config.clone(), &module.bytes)
+            .with_context(|| format!("{at}plugin {name:?} ({})", source.module))?;
+        plugins.push(ConfiguredPlugin {
+            plugin,
+            kind: source.kind,
+            matcher: source.matcher.clone(),
+        });
+    }
+    Ok(plugins)
+}
+
+/// [`load_plugins`] from outside a runtime (start-up, `check-config`).
+pub fn compile_plugins(
+    sources: &[PluginSource],
+    modules: &ModulesConfig,
+) -> anyhow::Result<Vec<ConfiguredPlugin>> {
+    let fetcher = ModuleFetcher::new(modules)?;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the runtime that fetches modules")?
+        .block_on(load_plugins(&fetcher, sources))
 }
 
 /// The plugins a config file names.
@@ -65,8 +93,17 @@ pub fn plugin_sources(config: &Config) -> Vec<PluginSource> {
     config
         .plugins
         .iter()
-        .map(|spec| PluginSource {
+        .enumerate()
+        .map(|(i, spec)| PluginSource {
             module: spec.module.value.clone(),
+            sha256: spec.sha256.as_ref().map(|s| s.value.clone()),
+            defined_at: config.source.as_ref().map(|path| {
+                format!(
+                    "{}:{}: `plugins[{i}].module`",
+                    path.display(),
+                    spec.module.referenced.line()
+                )
+            }),
             config: PluginConfig {
                 name: spec.name.clone(),
                 root_id: spec.root_id.clone(),
@@ -100,7 +137,7 @@ struct ServeSpec {
 /// `wisp run`: the node agent, until SIGINT or SIGTERM; `config_path` is
 /// reloaded on SIGHUP or when it changes.
 pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
-    let plugins = compile_plugins(&plugin_sources(&config))?;
+    let plugins = compile_plugins(&plugin_sources(&config), &config.modules)?;
     let redirect = config
         .redirect_target()
         .map_err(|message| anyhow::anyhow!("outbound.redirect_address: {message}"))?;
@@ -187,7 +224,7 @@ pub struct QuickMode {
 }
 
 pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
-    let plugins = compile_plugins(&quick.plugins)?;
+    let plugins = compile_plugins(&quick.plugins, &ModulesConfig::default())?;
     let destination = match quick.upstream {
         Upstream::Addr(addr) => Destination::Fixed(addr),
         Upstream::OriginalDst => Destination::OriginalDst,

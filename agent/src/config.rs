@@ -14,6 +14,7 @@ use wisp_wasm_host::FailurePolicy;
 
 use crate::listener::Protocol;
 use crate::plugins::{PluginKind, PluginMatch};
+use crate::module_fetch::{ModuleLocation, parse_sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -80,6 +81,13 @@ pub struct Config {
     /// with TLS termination and origination (see `listener::ListenerConfig`).
     #[serde(default)]
     pub listeners: Vec<crate::listener::ListenerConfig>,
+    /// Where plugin modules fetched over the network are cached, and how
+    /// they are fetched.
+    #[serde(default)]
+    pub modules: ModulesConfig,
+    /// The file this configuration was read from, for errors that name it.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -141,9 +149,16 @@ impl Default for AdminConfig {
 #[serde(deny_unknown_fields)]
 pub struct PluginSpec {
     pub name: String,
-    /// Path of the `.wasm` module; relative paths are resolved against the
-    /// directory of the config file.
-    pub module: Spanned<PathBuf>,
+    /// The `.wasm` module: a path (relative paths are resolved against the
+    /// directory of the config file), `file:///…`, `https://…` or
+    /// `oci://registry/repo:tag` / `oci://registry/repo@sha256:…`
+    /// (see [`crate::module_fetch`]).
+    pub module: Spanned<String>,
+    /// The module's sha256 (`HEX` or `sha256:HEX`); required for `https://`
+    /// and for `oci://` by tag, checked for files when given. For `oci://`
+    /// it may also be the image manifest's digest, as in Istio.
+    #[serde(default)]
+    pub sha256: Option<Spanned<String>>,
     #[serde(default)]
     pub root_id: String,
     #[serde(default)]
@@ -180,6 +195,74 @@ pub struct WorkloadSpec {
     pub netns: Spanned<PathBuf>,
 }
 
+/// How plugin modules are fetched (`modules:`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModulesConfig {
+    /// Content-addressed cache of fetched modules (by sha256); a pinned
+    /// module found here is loaded without contacting its server. Created on
+    /// the first fetch. Default: /var/lib/wisp/modules.
+    #[serde(default = "ModulesConfig::default_cache_dir")]
+    pub cache_dir: PathBuf,
+    /// Size cap of the cache: past it, the least recently used modules are
+    /// removed. Also the largest module that may be fetched. Default 256 MiB.
+    #[serde(default = "ModulesConfig::default_cache_max_bytes")]
+    pub cache_max_bytes: Spanned<u64>,
+    /// Deadline of one fetch attempt, in seconds. Default 30.
+    #[serde(default = "ModulesConfig::default_fetch_timeout_seconds")]
+    pub fetch_timeout_seconds: Spanned<u64>,
+    /// Retries after a transient failure (connect error, timeout, 5xx, 429),
+    /// with exponential backoff from 200 ms. Default 3.
+    #[serde(default = "ModulesConfig::default_fetch_retries")]
+    pub fetch_retries: u32,
+    /// PEM bundle of extra CA certificates trusted for `https://` and
+    /// `oci://` (a private registry), beside the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<Spanned<PathBuf>>,
+    /// Allow plain `http://` module URLs (and redirects to them). Default
+    /// false: a module's pin protects its content, but not the fact that
+    /// somebody on the path sees which modules a node loads.
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+impl ModulesConfig {
+    fn default_cache_dir() -> PathBuf {
+        PathBuf::from("/var/lib/wisp/modules")
+    }
+    fn default_cache_max_bytes() -> Spanned<u64> {
+        unlocated(256 << 20)
+    }
+    fn default_fetch_timeout_seconds() -> Spanned<u64> {
+        unlocated(30)
+    }
+    fn default_fetch_retries() -> u32 {
+        3
+    }
+}
+
+impl Default for ModulesConfig {
+    fn default() -> Self {
+        ModulesConfig {
+            cache_dir: ModulesConfig::default_cache_dir(),
+            cache_max_bytes: ModulesConfig::default_cache_max_bytes(),
+            fetch_timeout_seconds: ModulesConfig::default_fetch_timeout_seconds(),
+            fetch_retries: ModulesConfig::default_fetch_retries(),
+            ca_file: None,
+            allow_http: false,
+        }
+    }
+}
+
+/// A default value, which no line of the file holds.
+fn unlocated<T>(value: T) -> Spanned<T> {
+    Spanned::new(
+        value,
+        serde_saphyr::Location::UNKNOWN,
+        serde_saphyr::Location::UNKNOWN,
+    )
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EbpfConfig {
@@ -209,6 +292,7 @@ impl Config {
         let mut config = Config::parse(path, &text)?;
         config.resolve_paths(path);
         config.validate(path)?;
+        config.source = Some(path.to_owned());
         Ok(config)
     }
 
@@ -226,8 +310,12 @@ impl Config {
     fn resolve_paths(&mut self, config_path: &Path) {
         let base = config_path.parent().unwrap_or(Path::new("."));
         for plugin in &mut self.plugins {
-            if plugin.module.value.is_relative() {
-                plugin.module.value = base.join(&plugin.module.value);
+            // Only plain paths; URLs (and bad locations, which validate()
+            // reports) stay as written.
+            if let Ok(ModuleLocation::File(path)) = ModuleLocation::parse(&plugin.module.value)
+                && path.is_relative()
+            {
+                plugin.module.value = base.join(path).display().to_string();
             }
         }
         for listener in &mut self.listeners {
@@ -235,6 +323,14 @@ impl Config {
         }
         for tls in self.outbound.upstream_tls.values_mut() {
             tls.resolve_paths(base);
+        }
+        if self.modules.cache_dir.is_relative() {
+            self.modules.cache_dir = base.join(&self.modules.cache_dir);
+        }
+        if let Some(ca) = &mut self.modules.ca_file
+            && ca.value.is_relative()
+        {
+            ca.value = base.join(&ca.value);
         }
     }
 
@@ -273,13 +369,53 @@ impl Config {
         if self.workers == Some(0) {
             return Err(invalid(0, "workers".into(), "must be at least 1".into()));
         }
+        self.validate_modules(path)?;
         for (i, plugin) in self.plugins.iter().enumerate() {
             let module = &plugin.module;
-            if !module.value.is_file() {
+            let module_line = module.referenced.line();
+            let location = ModuleLocation::parse(&module.value)
+                .map_err(|e| invalid(module_line, format!("plugins[{i}].module"), e.to_string()))?;
+            let sha_line = plugin
+                .sha256
+                .as_ref()
+                .map_or(module_line, |s| s.referenced.line());
+            if let Some(sha) = &plugin.sha256 {
+                parse_sha256(&sha.value).map_err(|e| {
+                    invalid(sha_line, format!("plugins[{i}].sha256"), e.to_string())
+                })?;
+            }
+            match &location {
+                ModuleLocation::File(file) if !file.is_file() => {
+                    return Err(invalid(
+                        module_line,
+                        format!("plugins[{i}].module"),
+                        format!("no such file: {}", file.display()),
+                    ));
+                }
+                ModuleLocation::Http(url) if url.scheme() == "http" && !self.modules.allow_http => {
+                    return Err(invalid(
+                        module_line,
+                        format!("plugins[{i}].module"),
+                        format!(
+                            "{url}: plain http:// is refused; use https://, or set `modules.allow_http: true` for a trusted network"
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            if location.is_remote() && plugin.sha256.is_none() && location.own_pin().is_none() {
                 return Err(invalid(
-                    module.referenced.line(),
-                    format!("plugins[{i}].module"),
-                    format!("no such file: {}", module.value.display()),
+                    module_line,
+                    format!("plugins[{i}].sha256"),
+                    format!(
+                        "required for a module fetched from {}: add `sha256: <hex>` (sha256sum of the module{})",
+                        module.value,
+                        if matches!(location, ModuleLocation::Oci(_)) {
+                            ", or the image manifest digest; or reference the image by @sha256:"
+                        } else {
+                            ""
+                        }
+                    ),
                 ));
             }
             if self.plugins[..i].iter().any(|p| p.name == plugin.name) {
@@ -360,6 +496,51 @@ impl Config {
                     format!("workloads[{i}].name"),
                     format!("duplicate workload name {:?}", workload.name),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_modules(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |line: u64, field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            line,
+            field: format!("modules.{field}"),
+            message,
+        };
+        let modules = &self.modules;
+        if modules.fetch_timeout_seconds.value == 0 {
+            return Err(invalid(
+                modules.fetch_timeout_seconds.referenced.line(),
+                "fetch_timeout_seconds",
+                "must be at least 1".into(),
+            ));
+        }
+        if modules.cache_max_bytes.value == 0 {
+            return Err(invalid(
+                modules.cache_max_bytes.referenced.line(),
+                "cache_max_bytes",
+                "must be at least 1 (it is also the largest module that may be fetched)".into(),
+            ));
+        }
+        if let Some(ca) = &modules.ca_file {
+            let line = ca.referenced.line();
+            match std::fs::read_to_string(&ca.value) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => {
+                    return Err(invalid(
+                        line,
+                        "ca_file",
+                        format!("{} holds no PEM certificate", ca.value.display()),
+                    ));
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        line,
+                        "ca_file",
+                        format!("cannot read {}: {e}", ca.value.display()),
+                    ));
+                }
             }
         }
         Ok(())
@@ -583,7 +764,7 @@ workloads:
     #[test]
     fn accepts_a_good_config_and_resolves_module_paths() {
         let config = load_str(GOOD).unwrap();
-        assert!(config.plugins[0].module.value.is_absolute());
+        assert!(Path::new(&config.plugins[0].module.value).is_absolute());
         assert_eq!(
             config.redirect_target().unwrap().to_string(),
             "10.1.0.1:15001"
@@ -622,6 +803,72 @@ workloads:
         let text = GOOD.replace("  redirect_address: 10.1.0.1\n", "");
         let err = load_str(&text).unwrap_err().to_string();
         assert!(err.contains("`outbound.redirect_address`"), "{err}");
+    }
+
+    #[test]
+    fn url_modules_need_a_pin_and_http_needs_allow_http() {
+        let sha = "ab".repeat(32);
+        let https = GOOD.replace(
+            "    module: filter.wasm",
+            &format!("    module: https://plugins.test/f.wasm\n    sha256: sha256:{sha}"),
+        );
+        let config = load_str(&https).unwrap();
+        assert_eq!(
+            config.plugins[0].module.value,
+            "https://plugins.test/f.wasm"
+        );
+        assert_eq!(config.modules.fetch_retries, 3);
+        let unpinned = GOOD.replace("    module: filter.wasm", "    module: oci://r.test/f:v1");
+        let err = load_str(&unpinned).unwrap_err().to_string();
+        assert!(err.contains(":6: `plugins[0].sha256`: required"), "{err}");
+        // A reference by digest pins itself.
+        let digest = GOOD.replace(
+            "    module: filter.wasm",
+            &format!("    module: oci://r.test/f@sha256:{sha}"),
+        );
+        load_str(&digest).unwrap();
+        let bad_sha = https.replace(&format!("sha256:{sha}"), "sha256:abc");
+        let err = load_str(&bad_sha).unwrap_err().to_string();
+        assert!(err.contains(":7: `plugins[0].sha256`"), "{err}");
+        let http = https.replace("https://", "http://");
+        let err = load_str(&http).unwrap_err().to_string();
+        assert!(
+            err.contains(":6: `plugins[0].module`") && err.contains("allow_http"),
+            "{err}"
+        );
+        load_str(&format!("{http}modules:\n  allow_http: true\n")).unwrap();
+        let ftp = GOOD.replace("    module: filter.wasm", "    module: ftp://x/f.wasm");
+        let err = load_str(&ftp).unwrap_err().to_string();
+        assert!(err.contains("unsupported scheme ftp://"), "{err}");
+    }
+
+    #[test]
+    fn modules_fields_are_checked_and_paths_resolved() {
+        let with = |modules: &str| format!("{GOOD}modules:\n{modules}");
+        let config = load_str(&with("  cache_dir: cache\n")).unwrap();
+        assert!(config.modules.cache_dir.is_absolute());
+        let err = load_str(&with("  cache_dir: c\n  fetch_timeout_seconds: 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":12: `modules.fetch_timeout_seconds`"),
+            "{err}"
+        );
+        let err = load_str(&with("  ca_file: nope.pem\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(":11: `modules.ca_file`") && err.contains("nope.pem"),
+            "{err}"
+        );
+        let err = load_str(&with("  ca_file: filter.wasm\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("holds no PEM certificate"), "{err}");
+        let err = load_str(&with("  cache_size: 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `cache_size`"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub mod listener;
 pub mod metrics;
 pub mod network_chain;
 pub mod plugins;
+pub mod module_fetch;
+pub mod pod_resolver;
 pub mod reload;
 pub mod sniff;
 pub mod tcp_proxy;

