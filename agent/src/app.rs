@@ -84,6 +84,8 @@ struct ServeSpec {
     reload: Option<(PathBuf, Config)>,
     /// Where to append the JSON-lines access log.
     access_log: Option<PathBuf>,
+    /// Clusters and body settings of the request path.
+    http: crate::worker::HttpContext,
 }
 
 /// `wisp run`: the node agent, until SIGINT or SIGTERM; `config_path` is
@@ -111,6 +113,11 @@ pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         config_dump: serde_json::to_value(&config).unwrap_or_default(),
         reload: Some((config_path, config.clone())),
         access_log: config.access_log.clone(),
+        http: crate::worker::HttpContext {
+            clusters: crate::callout::clusters_from_specs(&config.clusters),
+            settings: config.http.clone(),
+            plugin_metrics: None,
+        },
     };
     serve(spec, |registry| {
         let options = crate::ebpf::DataplaneOptions::from_config(&config, redirect);
@@ -162,6 +169,10 @@ pub struct QuickMode {
     pub upstream_tls: Option<crate::tls::UpstreamTls>,
     /// Where to append the JSON-lines access log.
     pub access_log: Option<PathBuf>,
+    /// `--cluster NAME=ADDR`: upstreams plugins may call out to.
+    pub clusters: BTreeMap<String, crate::callout::Cluster>,
+    /// `--buffer-limit-bytes`.
+    pub http: crate::body::HttpSettings,
 }
 
 pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
@@ -197,6 +208,8 @@ pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "workers": quick.workers,
         "admin": quick.admin,
+        "clusters": &quick.clusters,
+        "http": &quick.http,
     });
     serve(
         ServeSpec {
@@ -208,6 +221,11 @@ pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
             config_dump,
             reload: None,
             access_log: quick.access_log,
+            http: crate::worker::HttpContext {
+                clusters: Arc::new(quick.clusters),
+                settings: quick.http,
+                plugin_metrics: None,
+            },
         },
         |_| Ok(None),
     )
@@ -230,6 +248,12 @@ fn serve(
         let plugin_count = spec.plugins.len();
         let (plugins_tx, plugins_rx) = tokio::sync::watch::channel(Arc::new(spec.plugins));
         registry.register_collector(Box::new(crate::metrics::PluginCounters(plugins_rx.clone())));
+        let plugin_metrics = Arc::new(crate::plugin_metrics::PluginMetrics::default());
+        registry.register_collector(Box::new(crate::plugin_metrics::PluginMetricsCollector(
+            plugin_metrics.clone(),
+        )));
+        let mut http = spec.http;
+        http.plugin_metrics = Some(plugin_metrics);
         let listeners = Arc::new(spec.listeners);
         // Listen before steering anything, so a steered connect never meets
         // a closed port.
@@ -251,6 +275,7 @@ fn serve(
                 shutdown: shutdown_rx.clone(),
                 drain_timeout: spec.drain_timeout,
                 access_log,
+                http,
             },
         )?;
         for listener in listeners.iter() {

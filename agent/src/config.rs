@@ -75,6 +75,12 @@ pub struct Config {
     /// Append one JSON line per HTTP request to this file.
     #[serde(default)]
     pub access_log: Option<PathBuf>,
+    /// Upstreams plugins may call with `http_call` / gRPC, by name.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, crate::callout::ClusterSpec>,
+    /// The HTTP request path (body buffer limit).
+    #[serde(default)]
+    pub http: crate::body::HttpSettings,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -277,6 +283,36 @@ impl Config {
                 .check(i, &self.services[..i])
                 .map_err(|(line, field, message)| invalid(line, field, message))?;
         }
+        for (name, cluster) in &self.clusters {
+            if name.is_empty() {
+                return Err(invalid(
+                    cluster.address.line,
+                    "clusters".into(),
+                    "a cluster name is empty".into(),
+                ));
+            }
+            if cluster.address.value.port() == 0 {
+                return Err(invalid(
+                    cluster.address.line,
+                    format!("clusters.{name}.address"),
+                    "needs a port".into(),
+                ));
+            }
+            if cluster.timeout_ms == Some(0) {
+                return Err(invalid(
+                    cluster.address.line,
+                    format!("clusters.{name}.timeout_ms"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        if self.http.buffer_limit_bytes == 0 {
+            return Err(invalid(
+                0,
+                "http.buffer_limit_bytes".into(),
+                "must be at least 1".into(),
+            ));
+        }
         for (i, rule) in self.policy.iter().enumerate() {
             rule.check(i, &self.workloads)
                 .map_err(|(line, field, message)| invalid(line, field, message))?;
@@ -374,6 +410,8 @@ impl Config {
             "policy",
             "services",
             "inbound",
+            "clusters",
+            "http",
         ]
         .into_iter()
         .filter(|field| old.get(field) != new.get(field))

@@ -6,16 +6,20 @@
 //! [`app`] (start-up and shutdown), [`ebpf`] (kernel programs, enrollment,
 //! original destinations), [`worker`] (threads and listeners),
 //! [`http_proxy`] (one connection's requests), [`filter_chain`] (the plugins),
-//! [`metrics`] and [`admin`].
+//! [`body`] (bodies and their buffer limit), [`callout`] (plugins' calls to clusters),
+//! [`metrics`], [`plugin_metrics`] and [`admin`].
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod body;
+pub mod callout;
 pub mod config;
 pub mod ebpf;
 pub mod filter_chain;
 pub mod http_proxy;
 pub mod listener;
 pub mod metrics;
+pub mod plugin_metrics;
 pub mod reload;
 pub mod sniff;
 pub mod tcp_proxy;

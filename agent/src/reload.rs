@@ -93,7 +93,8 @@ impl Reloader {
         let plugins = compile_plugins(&plugin_sources(&config))?;
         // The canary: if these plugins cannot start here, they would not
         // start on any worker either.
-        FilterChain::new(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
+        FilterChain::new(&plugins, Default::default())
+            .map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
         for field in self.current.restart_only_changes(&config) {
             tracing::warn!(
                 field,

@@ -15,7 +15,7 @@ use wisp_wasm_host::Plugin;
 
 use crate::access_log::AccessLog;
 use crate::ebpf::Dataplane;
-use crate::filter_chain::FilterChain;
+use crate::filter_chain::{ChainEnv, FilterChain};
 use crate::http_proxy::{ConnectionInfo, HttpWorker};
 use crate::listener::{Destination, ListenerSpec, Protocol};
 use crate::metrics::{ConnectionLabels, Metrics};
@@ -68,6 +68,29 @@ pub struct WorkerContext {
     pub drain_timeout: Duration,
     /// The shared access log file, if one is configured.
     pub access_log: Option<Arc<std::fs::File>>,
+    /// What the request path needs beyond listeners and plugins.
+    pub http: HttpContext,
+}
+
+/// The request path's settings: clusters plugins call out to, the body
+/// buffer limit, where plugin-defined metrics go.
+#[derive(Clone, Default)]
+pub struct HttpContext {
+    pub clusters: crate::callout::Clusters,
+    pub settings: crate::body::HttpSettings,
+    pub plugin_metrics: Option<Arc<crate::plugin_metrics::PluginMetrics>>,
+}
+
+impl WorkerContext {
+    /// The environment of this worker's filter chains.
+    fn chain_env(&self, cluster_client: &Rc<Upstreams<crate::body::WholeBody>>) -> ChainEnv {
+        ChainEnv {
+            clusters: self.http.clusters.clone(),
+            cluster_client: Some(cluster_client.clone()),
+            plugin_metrics: self.http.plugin_metrics.clone(),
+            metrics: Some(self.metrics.clone()),
+        }
+    }
 }
 
 pub struct Workers {
@@ -146,12 +169,22 @@ fn run_worker(
                 .map(AccessLog::for_worker)
                 .transpose()
                 .map_err(|source| WorkerError::Runtime { index, source })?;
+            // Callouts to clusters: plain TCP, pooled per cluster address.
+            let cluster_client: Rc<Upstreams<crate::body::WholeBody>> =
+                Rc::new(Upstreams::<crate::body::WholeBody>::new(None).map_err(tls_err)?);
             let plugins = context.plugins.borrow().clone();
-            let chain = FilterChain::new(&plugins)
+            let chain = FilterChain::new(&plugins, context.chain_env(&cluster_client))
                 .map_err(|source| WorkerError::Plugin { index, source })?;
-            Ok((sockets, acceptors, upstreams, access_log, chain))
+            Ok((
+                sockets,
+                acceptors,
+                upstreams,
+                access_log,
+                chain,
+                cluster_client,
+            ))
         })();
-        let (sockets, acceptors, upstreams, access_log, chain) = match setup {
+        let (sockets, acceptors, upstreams, access_log, chain, cluster_client) = match setup {
             Ok(ok) => ok,
             Err(error) => {
                 let _ = ready.send(Err(error));
@@ -164,8 +197,14 @@ fn run_worker(
             context.metrics.clone(),
             upstreams,
             access_log,
+            context.http.settings.buffer_limit_bytes,
         ));
-        tokio::task::spawn_local(follow_plugin_updates(index, http.clone(), context.clone()));
+        tokio::task::spawn_local(follow_plugin_updates(
+            index,
+            http.clone(),
+            context.clone(),
+            cluster_client,
+        ));
         let connections = TaskTracker::new();
         let accepting: Vec<_> = context
             .listeners
@@ -198,14 +237,19 @@ fn run_worker(
 
 /// Swaps in a new filter chain whenever the plugins change (config reload).
 /// Requests already running finish on the chain they started with.
-async fn follow_plugin_updates(index: usize, http: Rc<HttpWorker>, mut context: WorkerContext) {
+async fn follow_plugin_updates(
+    index: usize,
+    http: Rc<HttpWorker>,
+    mut context: WorkerContext,
+    cluster_client: Rc<Upstreams<crate::body::WholeBody>>,
+) {
     loop {
         tokio::select! {
             changed = context.plugins.changed() => if changed.is_err() { return },
             _ = context.shutdown.wait_for(|stop| *stop) => return,
         }
         let plugins = context.plugins.borrow_and_update().clone();
-        match FilterChain::new(&plugins) {
+        match FilterChain::new(&plugins, context.chain_env(&cluster_client)) {
             Ok(chain) => {
                 http.replace_chain(chain);
                 tracing::info!(
