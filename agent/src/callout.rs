@@ -93,25 +93,44 @@ pub fn clusters_from_specs(specs: &BTreeMap<String, ClusterSpec>) -> Clusters {
     )
 }
 
-/// `--cluster NAME=ADDR`.
+/// `--cluster NAME=ADDR[,timeout_ms=N][,http2]`.
 pub fn parse_cluster_flag(text: &str) -> Result<(String, Cluster), String> {
-    let (name, addr) = text
+    let (name, rest) = text
         .split_once('=')
         .ok_or_else(|| format!("{text:?}: expected NAME=ADDR:PORT"))?;
     if name.is_empty() {
         return Err(format!("{text:?}: the cluster name is empty"));
     }
+    let mut parts = rest.split(',');
+    let addr = parts.next().unwrap_or_default();
     let address = addr
         .parse()
         .map_err(|e| format!("{text:?}: {addr:?} is not ADDR:PORT: {e}"))?;
-    Ok((
-        name.to_owned(),
-        Cluster {
-            address,
-            timeout: None,
-            protocol: ClusterProtocol::Http1,
-        },
-    ))
+    let mut cluster = Cluster {
+        address,
+        timeout: None,
+        protocol: ClusterProtocol::Http1,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("timeout_ms", ms)) => {
+                let ms: u64 = ms
+                    .parse()
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .ok_or_else(|| format!("{text:?}: timeout_ms must be a positive number"))?;
+                cluster.timeout = Some(Duration::from_millis(ms));
+            }
+            None if option == "http2" => cluster.protocol = ClusterProtocol::Http2,
+            None if option == "http1" => cluster.protocol = ClusterProtocol::Http1,
+            _ => {
+                return Err(format!(
+                    "{text:?}: unknown option {option:?} (timeout_ms=N, http1 or http2)"
+                ));
+            }
+        }
+    }
+    Ok((name.to_owned(), cluster))
 }
 
 /// A callout the plugin made, waiting to be sent.
@@ -465,6 +484,11 @@ mod tests {
         assert!(parse_cluster_flag("backend").is_err());
         assert!(parse_cluster_flag("=1.2.3.4:5").is_err());
         assert!(parse_cluster_flag("b=localhost").is_err());
+        let (_, cluster) = parse_cluster_flag("g=127.0.0.1:9,timeout_ms=300,http2").unwrap();
+        assert_eq!(cluster.timeout, Some(Duration::from_millis(300)));
+        assert_eq!(cluster.protocol, ClusterProtocol::Http2);
+        assert!(parse_cluster_flag("g=127.0.0.1:9,timeout_ms=0").is_err());
+        assert!(parse_cluster_flag("g=127.0.0.1:9,fast").is_err());
     }
 
     #[test]

@@ -641,10 +641,11 @@ async fn proxy_request(
         request_failure: RefCell::new(None),
         request_pump: RefCell::new(None),
     });
-    let mut source = Source::Peer(body);
-    let mut ended = source.is_end_stream();
+    let mut request_source = Source::Peer(body);
+    let mut ended = request_source.is_end_stream();
 
-    let upstream_response = match request_phase(&ex, &mut source, &mut ended, version).await {
+    let upstream_response = match request_phase(&ex, &mut request_source, &mut ended, version).await
+    {
         Err(Stop::Reset(reason)) => return Err(StreamReset(reason)),
         Err(Stop::Respond(local)) => Err(local),
         Err(Stop::Overflow) => Err(payload_too_large()),
@@ -689,7 +690,29 @@ async fn proxy_request(
         // The answer is complete: nothing will read the rest of the request.
         abort_request_pump(&ex);
     }
+    if let (false, Source::Peer(body)) = (ended, request_source) {
+        // Answered before the request body ended (a local reply, 413): read
+        // and drop the rest, so an HTTP/2 client still uploading gets the
+        // answer instead of a reset.
+        tokio::task::spawn_local(drain(body));
+    }
     response
+}
+
+/// Reads and discards what is left of a request body, within limits.
+async fn drain(mut body: Incoming) {
+    const MAX_DRAIN_BYTES: usize = 16 * 1024 * 1024;
+    const MAX_DRAIN_TIME: Duration = Duration::from_secs(30);
+    let _ = tokio::time::timeout(MAX_DRAIN_TIME, async {
+        let mut drained = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            drained += frame.data_ref().map_or(0, Bytes::len);
+            if drained > MAX_DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn abort_request_pump(ex: &Exchange) {

@@ -98,7 +98,9 @@ struct ProxyArgs {
     #[arg(long)]
     access_log: Option<PathBuf>,
     /// An upstream plugins may call (http_call, gRPC) by NAME; repeat for more.
-    #[arg(long = "cluster", value_name = "NAME=ADDR", value_parser = wisp_agent::callout::parse_cluster_flag)]
+    /// Options after commas: `timeout_ms=N` caps every call, `http2` for
+    /// http_call over HTTP/2 (gRPC always uses HTTP/2).
+    #[arg(long = "cluster", value_name = "NAME=ADDR[,timeout_ms=N][,http2]", value_parser = wisp_agent::callout::parse_cluster_flag)]
     clusters: Vec<(String, wisp_agent::callout::Cluster)>,
     /// Most body bytes the plugins of one stream may buffer (413 for
     /// requests, 500 for responses past it).

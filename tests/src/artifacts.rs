@@ -63,3 +63,14 @@ pub fn echo_bin() -> Result<PathBuf, MissingArtifact> {
         "cargo xtask build",
     )
 }
+
+/// The conformance test filter (`WISP_CONFORMANCE_FILTER_WASM`, default the
+/// release wasm32-wasip1 build).
+pub fn conformance_filter_wasm() -> Result<PathBuf, MissingArtifact> {
+    existing(
+        "WISP_CONFORMANCE_FILTER_WASM",
+        target_dir().join("wasm32-wasip1/release/wisp_conformance_filter.wasm"),
+        "the conformance test filter",
+        "cargo xtask build-filters",
+    )
+}
