@@ -600,4 +600,38 @@ workloads:
         let err = load_str(&text).unwrap_err().to_string();
         assert!(err.contains(":9: `workloads[0].netns`"), "{err}");
     }
+
+    #[test]
+    fn clusters_and_the_buffer_limit() {
+        let text = format!(
+            "{GOOD}clusters:\n  backend:\n    address: 127.0.0.1:9000\n    timeout_ms: 250\n  grpc:\n    address: 127.0.0.1:9001\n    protocol: http2\nhttp:\n  buffer_limit_bytes: 4096\n"
+        );
+        let config = load_str(&text).unwrap();
+        let clusters = crate::callout::clusters_from_specs(&config.clusters);
+        assert_eq!(clusters["backend"].address.to_string(), "127.0.0.1:9000");
+        assert_eq!(
+            clusters["backend"].timeout,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            clusters["grpc"].protocol,
+            crate::callout::ClusterProtocol::Http2
+        );
+        assert_eq!(config.http.buffer_limit_bytes, 4096);
+        assert_eq!(
+            load_str(GOOD).unwrap().http.buffer_limit_bytes,
+            crate::body::DEFAULT_BUFFER_LIMIT_BYTES
+        );
+
+        let zero = text.replace("timeout_ms: 250", "timeout_ms: 0");
+        let err = load_str(&zero).unwrap_err().to_string();
+        assert!(err.contains("`clusters.backend.timeout_ms`"), "{err}");
+        assert!(err.contains(":12:"), "{err}");
+        let bad = text.replace("127.0.0.1:9000", "nowhere");
+        let err = load_str(&bad).unwrap_err().to_string();
+        assert!(err.contains(":12:"), "{err}");
+        let unknown = text.replace("timeout_ms: 250", "timeout: 250");
+        let err = load_str(&unknown).unwrap_err().to_string();
+        assert!(err.contains("unknown field `timeout`"), "{err}");
+    }
 }

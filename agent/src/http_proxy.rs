@@ -577,7 +577,17 @@ impl Exchange {
         let complete = piece.complete();
         let forwarded = piece.data_len();
         let fix = if complete {
-            LengthFix::Set(forwarded, matches!(piece, Piece::Trailers(..)))
+            let trailer_names = match &piece {
+                Piece::Trailers(_, trailers) => Some(
+                    trailers
+                        .keys()
+                        .map(|name| name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+                Piece::Data(..) => None,
+            };
+            LengthFix::Set(forwarded, trailer_names)
         } else if forwarded != consumed {
             LengthFix::Remove
         } else {
@@ -589,16 +599,17 @@ impl Exchange {
 
 /// What the headers' content-length must become once the chain had its say
 /// on the first part of the body.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum LengthFix {
     /// Pass-through so far: keep what the plugins left.
     Keep,
     /// The plugins changed the data of a body that still streams: the
     /// length is unknown (chunked in HTTP/1.1).
     Remove,
-    /// The whole body is known: its length, and whether trailers follow
-    /// (HTTP/1.1 can only carry them chunked).
-    Set(usize, bool),
+    /// The whole body is known: its length, and the names of the trailers
+    /// that follow, if any (HTTP/1.1 carries them only chunked and declared
+    /// in a `trailer` header).
+    Set(usize, Option<String>),
 }
 
 impl LengthFix {
@@ -606,8 +617,11 @@ impl LengthFix {
         match self {
             LengthFix::Keep => {}
             LengthFix::Remove => headers.remove("content-length"),
-            LengthFix::Set(_, true) if version != Version::HTTP_2 => {
-                headers.remove("content-length")
+            LengthFix::Set(_, Some(names)) if version != Version::HTTP_2 => {
+                headers.remove("content-length");
+                if !names.is_empty() {
+                    headers.replace("trailer", names.as_bytes());
+                }
             }
             LengthFix::Set(length, _) => {
                 if headers.contains("content-length") {
@@ -949,7 +963,17 @@ fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap {
     .into_iter()
     .collect();
     for (name, value) in &parts.headers {
-        if name != header::HOST && !HOP_BY_HOP.contains(&name.as_str()) {
+        if name == header::TE {
+            // `te: trailers` is end to end in practice (gRPC needs it), as
+            // Envoy keeps it; other TE values describe this hop only.
+            if value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|v| v.trim_ascii() == b"trailers")
+            {
+                map.add("te", b"trailers");
+            }
+        } else if name != header::HOST && !HOP_BY_HOP.contains(&name.as_str()) {
             map.add(name.as_str(), value.as_bytes());
         }
     }
