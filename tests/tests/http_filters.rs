@@ -433,3 +433,41 @@ fn ticks_resume_paused_streams_queues_wake_their_worker_and_metrics_are_exported
         "{metrics}"
     );
 }
+
+/// Traps in the body callback of whichever direction the request's method
+/// picks: POST requests trap in `on_request_body`, GET responses in
+/// `on_response_body`.
+const BODY_TRAP: &str = r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32) unreachable)
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) unreachable))"#;
+
+#[test]
+fn a_plugin_trapping_on_a_body_gets_its_failure_policy_before_anything_is_sent() {
+    let _echo = echo(19289);
+    let (_dir, mut args) = wat_plugin("body-trap", BODY_TRAP);
+    args.extend(["--failure-policy".into(), "FAIL_RELOAD".into()]);
+    let agent = proxy(19208, 19298, 19289, &args);
+    // The request body reaches the plugin before the upstream sees anything:
+    // FAIL_RELOAD answers 503.
+    let reply = curl(&["--data-binary", "x", "http://127.0.0.1:19208/"]);
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(reply.body.contains("wasm_fail_stream"), "{reply:?}");
+    // The response body too: the client gets a 503, not a truncated 200.
+    std::thread::sleep(Duration::from_millis(1600));
+    let reply = curl(&["http://127.0.0.1:19208/"]);
+    assert_eq!(reply.status, 503, "{reply:?}");
+    assert!(reply.body.contains("wasm_fail_stream"), "{reply:?}");
+    let metrics = agent.metrics().unwrap();
+    assert!(
+        metric(&metrics, "wisp_wasm_plugin_failures_total", &[]) >= 2.0,
+        "{metrics}"
+    );
+    // The worker survived: a request without a body callback still works.
+    assert!(agent.admin_get("/ready").unwrap().status == 200);
+}
