@@ -91,7 +91,10 @@ impl ChannelBody {
     /// A body of `ready` frames, then whatever comes through the returned
     /// sender (if `more`).
     pub fn new(ready: Vec<Frame<Bytes>>, more: bool) -> (Option<BodySender>, ChannelBody) {
-        let length = (!more).then(|| {
+        // A known length lets hyper frame with content-length, which
+        // cannot carry trailers: those need chunked (HTTP/1.1).
+        let trailers = ready.iter().any(Frame::is_trailers);
+        let length = (!more && !trailers).then(|| {
             ready
                 .iter()
                 .filter_map(|f| f.data_ref().map(|d| d.len() as u64))

@@ -287,26 +287,77 @@ impl Piece {
 }
 
 /// A body the chain reads from: the peer's, or a local reply's.
-enum Source {
+enum SourceBody {
     Peer(Incoming),
     Local(Option<Bytes>),
 }
 
+type SourceFrame = Option<Result<Frame<Bytes>, String>>;
+
+/// A body plus one frame read ahead.
+struct Source {
+    body: SourceBody,
+    peeked: Option<SourceFrame>,
+}
+
 impl Source {
-    async fn frame(&mut self) -> Option<Result<Frame<Bytes>, String>> {
-        match self {
-            Source::Peer(body) => body
-                .frame()
-                .await
-                .map(|r| r.map_err(|e| crate::upstream::error_chain(&e))),
-            Source::Local(data) => data.take().map(|d| Ok(Frame::data(d))),
+    fn peer(body: Incoming) -> Source {
+        Source {
+            body: SourceBody::Peer(body),
+            peeked: None,
         }
     }
 
+    fn local(data: Option<Bytes>) -> Source {
+        Source {
+            body: SourceBody::Local(data),
+            peeked: None,
+        }
+    }
+
+    async fn frame(&mut self) -> SourceFrame {
+        if let Some(frame) = self.peeked.take() {
+            return frame;
+        }
+        self.read().await
+    }
+
+    async fn read(&mut self) -> SourceFrame {
+        match &mut self.body {
+            SourceBody::Peer(body) => body
+                .frame()
+                .await
+                .map(|r| r.map_err(|e| crate::upstream::error_chain(&e))),
+            SourceBody::Local(data) => data.take().map(|d| Ok(Frame::data(d))),
+        }
+    }
+
+    /// Whether the next frame, if it is already here, is the trailers (so
+    /// the data before them is the last).
+    async fn trailers_next(&mut self) -> bool {
+        if self.peeked.is_none()
+            && let Ok(frame) = tokio::time::timeout(Duration::ZERO, self.read()).await
+        {
+            self.peeked = Some(frame);
+        }
+        matches!(&self.peeked, Some(Some(Ok(frame))) if frame.is_trailers())
+    }
+
     fn is_end_stream(&self) -> bool {
-        match self {
-            Source::Peer(body) => body.is_end_stream(),
-            Source::Local(data) => data.is_none(),
+        if self.peeked.is_some() {
+            return matches!(self.peeked, Some(None));
+        }
+        match &self.body {
+            SourceBody::Peer(body) => body.is_end_stream(),
+            SourceBody::Local(data) => data.is_none(),
+        }
+    }
+
+    /// The peer's body, if it may still have frames to read.
+    fn into_unfinished(self) -> Option<Incoming> {
+        match self.body {
+            SourceBody::Peer(body) if !body.is_end_stream() => Some(body),
+            _ => None,
         }
     }
 }
@@ -426,14 +477,38 @@ impl Exchange {
                         *consumed += data.len();
                         let end = source.is_end_stream();
                         *ended = end;
-                        self.chain.borrow_mut().body(
+                        // Data and trailers that arrive together make one
+                        // piece, so the trailers can be declared (HTTP/1.1).
+                        let last = !end && source.trailers_next().await;
+                        let step = self.chain.borrow_mut().body(
                             dir,
                             None,
                             &self.state,
                             data.to_vec(),
                             end,
                             self.limit,
-                        )
+                        );
+                        if last {
+                            let forwarded = match step {
+                                BodyStep::Forward(data) => data,
+                                BodyStep::Buffered | BodyStep::Paused(_) => Vec::new(),
+                                BodyStep::Respond(local) => return Err(Stop::Respond(local)),
+                                BodyStep::Overflow => return Err(Stop::Overflow),
+                            };
+                            let trailers = match source.frame().await {
+                                Some(Ok(frame)) => frame.into_trailers().unwrap_or_default(),
+                                _ => http::HeaderMap::new(),
+                            };
+                            *ended = true;
+                            return match self.trailers(dir, trailers).await? {
+                                Piece::Trailers(mut carry, trailers) => {
+                                    carry.splice(0..0, forwarded);
+                                    Ok(Piece::Trailers(carry, trailers))
+                                }
+                                piece => Ok(piece),
+                            };
+                        }
+                        step
                     }
                     Err(frame) => {
                         *ended = true;
@@ -655,7 +730,7 @@ async fn proxy_request(
         request_failure: RefCell::new(None),
         request_pump: RefCell::new(None),
     });
-    let mut request_source = Source::Peer(body);
+    let mut request_source = Source::peer(body);
     let mut ended = request_source.is_end_stream();
 
     let upstream_response = match request_phase(&ex, &mut request_source, &mut ended, version).await
@@ -685,14 +760,14 @@ async fn proxy_request(
     let (status, headers, source) = match upstream_response {
         Ok(response) => {
             let (parts, body) = response.into_parts();
-            (parts.status, parts.headers, Source::Peer(body))
+            (parts.status, parts.headers, Source::peer(body))
         }
         Err(local) => {
             let (status, headers, body) = local_response_parts(local);
             (
                 status,
                 headers,
-                Source::Local((!body.is_empty()).then_some(body)),
+                Source::local((!body.is_empty()).then_some(body)),
             )
         }
     };
@@ -704,7 +779,7 @@ async fn proxy_request(
         // The answer is complete: nothing will read the rest of the request.
         abort_request_pump(&ex);
     }
-    if let (false, Source::Peer(body)) = (ended, request_source) {
+    if let (false, Some(body)) = (ended, request_source.into_unfinished()) {
         // Answered before the request body ended (a local reply, 413): read
         // and drop the rest, so an HTTP/2 client still uploading gets the
         // answer instead of a reset.
@@ -754,7 +829,7 @@ async fn request_phase(
     fix.apply(&mut headers, version);
     let (sender, body) = ChannelBody::new(frames, more);
     if let Some(sender) = sender {
-        let source = std::mem::replace(source, Source::Local(None));
+        let source = std::mem::replace(source, Source::local(None));
         let pump =
             tokio::task::spawn_local(ex.clone().pump(Direction::Request, source, *ended, sender));
         *ex.request_pump.borrow_mut() = Some(pump);

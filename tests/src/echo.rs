@@ -109,6 +109,13 @@ async fn respond(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    if send_trailers {
+        // HTTP/1.1 carries only declared trailers.
+        response.headers_mut().insert(
+            hyper::header::TRAILER,
+            hyper::header::HeaderValue::from_static("x-echo-trailer"),
+        );
+    }
     response.headers_mut().insert(
         "x-echo-server",
         hyper::header::HeaderValue::from_str(&name)

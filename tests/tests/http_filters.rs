@@ -471,3 +471,31 @@ fn a_plugin_trapping_on_a_body_gets_its_failure_policy_before_anything_is_sent()
     // The worker survived: a request without a body callback still works.
     assert!(agent.admin_get("/ready").unwrap().status == 200);
 }
+
+#[test]
+fn chunked_http1_trailers_go_through_the_plugin() {
+    use std::io::{Read, Write};
+    let _echo = echo(19290);
+    let _agent = proxy(19209, 19299, 19290, &conformance());
+    let mut tcp = std::net::TcpStream::connect("127.0.0.1:19209").unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(
+        b"POST /trailers HTTP/1.1\r\nHost: svc.test\r\nTransfer-Encoding: chunked\r\n\
+          TE: trailers\r\nX-Echo-Trailers: 1\r\nConnection: close\r\n\r\n\
+          7\r\npayload\r\n0\r\nx-client-trailer: c\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tcp.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    // The upstream's view (in the chunked body) shows both request trailers.
+    assert!(
+        answer.contains(r#""trailers":{"x-client-trailer":"c","x-trailers-seen":"1"}"#),
+        "{answer}"
+    );
+    // After the last chunk: the upstream's trailer and the plugin's.
+    let (_, trailers) = answer.rsplit_once("\r\n0\r\n").expect("a chunked answer");
+    assert!(trailers.contains("x-echo-trailer: yes"), "{answer}");
+    assert!(trailers.contains("x-response-trailer: added"), "{answer}");
+}
