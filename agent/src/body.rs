@@ -81,6 +81,8 @@ impl BodySender {
 /// task produces. `Send`, so hyper-util's pooling client can carry it;
 /// dropping every sender ends it.
 pub struct ChannelBody {
+    /// The peer's body itself, when no plugin can see it (an empty chain).
+    direct: Option<hyper::body::Incoming>,
     ready: VecDeque<Frame<Bytes>>,
     frames: Option<mpsc::Receiver<Result<Frame<Bytes>, BodyError>>>,
     /// Exact length when the whole body is known up front.
@@ -107,6 +109,7 @@ impl ChannelBody {
             (None, None)
         };
         let body = ChannelBody {
+            direct: None,
             ready: ready.into(),
             frames,
             length,
@@ -114,9 +117,20 @@ impl ChannelBody {
         (sender, body)
     }
 
+    /// The peer's body as it comes, for a chain without plugins.
+    pub fn direct(body: hyper::body::Incoming) -> ChannelBody {
+        ChannelBody {
+            direct: Some(body),
+            ready: VecDeque::new(),
+            frames: None,
+            length: None,
+        }
+    }
+
     /// An empty body (end of stream right away).
     pub fn empty() -> ChannelBody {
         ChannelBody {
+            direct: None,
             ready: VecDeque::new(),
             frames: None,
             length: Some(0),
@@ -132,6 +146,11 @@ impl Body for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(direct) = self.direct.as_mut() {
+            return Pin::new(direct)
+                .poll_frame(cx)
+                .map_err(|e| BodyError::Aborted(e.to_string()));
+        }
         if let Some(frame) = self.ready.pop_front() {
             return Poll::Ready(Some(Ok(frame)));
         }
@@ -148,10 +167,16 @@ impl Body for ChannelBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(direct) = &self.direct {
+            return direct.is_end_stream();
+        }
         self.ready.is_empty() && self.frames.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(direct) = &self.direct {
+            return direct.size_hint();
+        }
         match self.length {
             Some(length) => SizeHint::with_exact(length),
             None => SizeHint::default(),

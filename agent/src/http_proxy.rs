@@ -353,6 +353,20 @@ impl Source {
         }
     }
 
+    /// The peer's body, taken out (nothing read ahead yet).
+    fn take_peer(&mut self) -> Option<Incoming> {
+        if self.peeked.is_some() {
+            return None;
+        }
+        match std::mem::replace(&mut self.body, SourceBody::Local(None)) {
+            SourceBody::Peer(body) => Some(body),
+            local => {
+                self.body = local;
+                None
+            }
+        }
+    }
+
     /// The peer's body, if it may still have frames to read.
     fn into_unfinished(self) -> Option<Incoming> {
         match self.body {
@@ -824,6 +838,14 @@ async fn request_phase(
         let headers = ex.state.stream.borrow().request_headers.clone();
         return Ok((headers, ChannelBody::empty()));
     }
+    if ex.chain.borrow().is_empty()
+        && let Some(body) = source.take_peer()
+    {
+        // No plugin sees the body: it streams through untouched.
+        *ended = true;
+        let headers = ex.state.stream.borrow().request_headers.clone();
+        return Ok((headers, ChannelBody::direct(body)));
+    }
     let (frames, more, fix) = ex.first_piece(Direction::Request, source, ended).await?;
     let mut headers = ex.state.stream.borrow().request_headers.clone();
     fix.apply(&mut headers, version);
@@ -865,6 +887,13 @@ async fn response_phase(
     if ended {
         let headers = ex.state.stream.borrow().response_headers.clone();
         return Ok(build_response(status, &headers, full_body(Bytes::new())));
+    }
+    if ex.chain.borrow().is_empty()
+        && let Some(body) = source.take_peer()
+    {
+        let headers = ex.state.stream.borrow().response_headers.clone();
+        let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
+        return Ok(build_response(status, &headers, body));
     }
     let (frames, more, fix) = match ex
         .first_piece(Direction::Response, &mut source, &mut ended)

@@ -499,3 +499,21 @@ fn chunked_http1_trailers_go_through_the_plugin() {
     assert!(trailers.contains("x-echo-trailer: yes"), "{answer}");
     assert!(trailers.contains("x-response-trailer: added"), "{answer}");
 }
+
+#[test]
+fn without_plugins_bodies_stream_through_untouched() {
+    let _echo = echo(19218);
+    let _agent = proxy(19214, 19217, 19218, &[]);
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let reply = curl(&[
+            version,
+            "--data-binary",
+            "as is",
+            "http://127.0.0.1:19214/?pad=100000",
+        ]);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let seen = reply.echo().unwrap();
+        assert_eq!(seen["body"], "as is", "{seen}");
+        assert_eq!(seen["pad"].as_str().map(str::len), Some(100_000));
+    }
+}
