@@ -204,8 +204,9 @@ fn conformance_view(reply: &http::Reply) -> (u16, Vec<(String, String)>, serde_j
 /// * `/callout` reports its callout token, an opaque number each host
 ///   allocates its own way: only that it is a number is compared.
 ///
-/// Not compared: `/queue`, `/foreign` and `/time` (no Envoy counterpart for
-/// the foreign function `echo`; queues and time are host-internal), and
+/// Not compared: `/foreign` and `/time` (no Envoy counterpart for the
+/// foreign function `echo`; the log level a plugin reads is each proxy's
+/// own setting), and
 /// `/trailers` (curl cannot send request trailers; the HTTP/2 trailer path
 /// is covered by `http_filters`).
 #[test]
@@ -293,6 +294,7 @@ fn conformance_filter_behaves_the_same_in_envoy_and_wisp() {
         ("/callout", &["-H", "x-callout-body: hi"]),
         ("/callout-unknown", &[]),
         ("/grpc", &[]),
+        ("/queue", &["-H", "x-item: side-by-side"]),
     ];
     for version in ["--http1.1", "--http2-prior-knowledge"] {
         for (path, extra) in scenarios {
