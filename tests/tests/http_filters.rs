@@ -354,7 +354,12 @@ fn a_cluster_that_is_down_fails_the_call_not_the_proxy() {
     let _echo = echo(19286);
     // Nothing listens on 19271.
     let mut args = conformance();
-    args.extend(["--cluster".into(), "backend=127.0.0.1:19271".into()]);
+    args.extend([
+        "--cluster".into(),
+        "backend=127.0.0.1:19271".into(),
+        "--cluster".into(),
+        "grpc-backend=127.0.0.1:19271".into(),
+    ]);
     let agent = proxy(19206, 19296, 19286, &args);
     let reply = curl(&["http://127.0.0.1:19206/callout"]);
     assert_eq!(reply.status, 503, "{reply:?}");
@@ -364,16 +369,29 @@ fn a_cluster_that_is_down_fails_the_call_not_the_proxy() {
             .is_some_and(|v| v.starts_with("11:")),
         "{reply:?}"
     );
+    // A gRPC call that cannot connect ends with on_grpc_close(UNAVAILABLE);
+    // the plugin reports it and resumes the request.
     let reply = curl(&["http://127.0.0.1:19206/grpc"]);
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = reply.echo().unwrap();
+    let failed = seen["headers"]["x-conf-grpc-failed"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(failed.starts_with("14:"), "{seen}");
+    // The proxy still answers.
+    assert_eq!(curl(&["http://127.0.0.1:19206/plain"]).status, 200);
+    drop(agent);
+
+    // gRPC to a cluster that is not configured: PARSE_FAILURE, as Envoy.
+    let bare = proxy(19200, 19274, 19286, &conformance());
+    let reply = curl(&["http://127.0.0.1:19200/grpc"]);
     assert_eq!(reply.status, 200, "{reply:?}");
     let seen = reply.echo().unwrap();
     assert_eq!(
         seen["headers"]["x-conf-grpc-dispatch"], "ParseFailure",
-        "gRPC to an unknown cluster: {seen}"
+        "{seen}"
     );
-    // The proxy still answers.
-    assert_eq!(curl(&["http://127.0.0.1:19206/plain"]).status, 200);
-    drop(agent);
+    drop(bare);
 }
 
 #[test]
