@@ -12,9 +12,10 @@
 //! Statuses are cpp-host's: an unknown cluster is BAD_ARGUMENT for
 //! `http_call` and PARSE_FAILURE for gRPC (the host maps
 //! [`CalloutError::UnknownUpstream`]). gRPC streams (`proxy_grpc_stream`)
-//! are not supported yet: they get INTERNAL_FAILURE.
+//! carry the plugin's `proxy_grpc_send` messages up and deliver every
+//! answer message, the metadata and the close.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -137,15 +138,30 @@ pub fn parse_cluster_flag(text: &str) -> Result<(String, Cluster), String> {
 pub enum Callout {
     Http(HttpCallRequest, Cluster),
     Grpc(GrpcCallRequest, Cluster),
+    /// A gRPC stream and what the plugin sends on it.
+    GrpcStream(
+        GrpcCallRequest,
+        Cluster,
+        tokio::sync::mpsc::UnboundedReceiver<StreamSend>,
+    ),
 }
 
 impl Callout {
     pub fn token(&self) -> u32 {
         match self {
             Callout::Http(request, _) => request.token,
-            Callout::Grpc(request, _) => request.token,
+            Callout::Grpc(request, _) | Callout::GrpcStream(request, _, _) => request.token,
         }
     }
+}
+
+/// What the plugin does on an open gRPC stream.
+#[derive(Debug)]
+pub enum StreamSend {
+    /// `proxy_grpc_send`: a message, and whether it is the last.
+    Message(Vec<u8>, bool),
+    /// `proxy_grpc_close`: no more messages from the plugin.
+    HalfClose,
 }
 
 /// One plugin instance's [`Callouts`]: checks cluster names and queues the
@@ -160,6 +176,8 @@ struct QueueState {
     pending: Vec<Callout>,
     /// Tokens the plugin cancelled: no callback may follow.
     cancelled: HashSet<u32>,
+    /// Open gRPC streams: where their messages go.
+    streams: HashMap<u32, tokio::sync::mpsc::UnboundedSender<StreamSend>>,
 }
 
 impl CalloutQueue {
@@ -184,6 +202,16 @@ impl CalloutQueue {
         self.state().cancelled.remove(&token)
     }
 
+    /// Whether gRPC stream `token` is still open on the plugin's side.
+    pub fn stream_open(&self, token: u32) -> bool {
+        self.state().streams.contains_key(&token)
+    }
+
+    /// Forgets stream `token` (it closed).
+    pub fn end_stream(&self, token: u32) {
+        self.state().streams.remove(&token);
+    }
+
     fn cluster(&self, name: &str) -> Result<Cluster, CalloutError> {
         self.clusters
             .get(name)
@@ -201,29 +229,57 @@ impl Callouts for CalloutQueue {
 
     fn grpc_call(&self, request: GrpcCallRequest) -> Result<(), CalloutError> {
         let cluster = self.cluster(&request.upstream)?;
+        let mut state = self.state();
         if request.streaming {
-            return Err(CalloutError::Internal(
-                "gRPC streams are not supported by wisp yet".into(),
-            ));
+            // The channel exists before the stream task does, so messages
+            // sent in the same callback are not lost.
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            state.streams.insert(request.token, tx);
+            state
+                .pending
+                .push(Callout::GrpcStream(request, cluster, rx));
+        } else {
+            state.pending.push(Callout::Grpc(request, cluster));
         }
-        self.state().pending.push(Callout::Grpc(request, cluster));
         Ok(())
     }
 
-    fn grpc_send(&self, token: u32, _: Vec<u8>, _: bool) -> Result<(), CalloutError> {
-        Err(CalloutError::UnknownToken(token))
+    fn grpc_send(&self, token: u32, message: Vec<u8>, end: bool) -> Result<(), CalloutError> {
+        let state = self.state();
+        let stream = state
+            .streams
+            .get(&token)
+            .ok_or(CalloutError::UnknownToken(token))?;
+        stream
+            .send(StreamSend::Message(message, end))
+            .map_err(|_| CalloutError::Internal("the stream has ended".into()))
     }
 
     fn grpc_cancel(&self, token: u32) -> Result<(), CalloutError> {
         let mut state = self.state();
         state.pending.retain(|c| c.token() != token);
+        // Dropping the sender ends the stream task.
+        state.streams.remove(&token);
         state.cancelled.insert(token);
         Ok(())
     }
 
     fn grpc_close(&self, token: u32) -> Result<(), CalloutError> {
-        Err(CalloutError::UnknownToken(token))
+        let state = self.state();
+        let stream = state
+            .streams
+            .get(&token)
+            .ok_or(CalloutError::UnknownToken(token))?;
+        let _ = stream.send(StreamSend::HalfClose);
+        Ok(())
     }
+}
+
+/// A worker's pooled clients for callouts: whole requests (`http_call`,
+/// unary gRPC) and streamed ones (gRPC streams).
+pub struct ClusterClients {
+    pub calls: Upstreams<WholeBody>,
+    pub streams: Upstreams<crate::body::ChannelBody>,
 }
 
 /// How a gRPC call ended.
@@ -409,6 +465,158 @@ pub async fn send_grpc(
     match tokio::time::timeout(timeout, exchange).await {
         Ok(Ok(outcome)) | Ok(Err(outcome)) => outcome,
         Err(_) => GrpcOutcome::Closed(GRPC_DEADLINE_EXCEEDED, "deadline exceeded".into()),
+    }
+}
+
+/// What a gRPC stream delivers to the plugin, in order.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamEvent {
+    InitialMetadata(HeaderMap),
+    Message(Vec<u8>),
+    TrailingMetadata(HeaderMap),
+    Close(i32, String),
+}
+
+/// Runs a gRPC stream over HTTP/2: the plugin's messages go up as they
+/// come; `deliver` gets each event as it arrives and returns false when the
+/// plugin no longer listens. Always ends with a [`StreamEvent::Close`]
+/// unless the plugin stopped listening.
+pub async fn run_grpc_stream(
+    client: &Upstreams<crate::body::ChannelBody>,
+    cluster: &Cluster,
+    request: GrpcCallRequest,
+    mut sends: tokio::sync::mpsc::UnboundedReceiver<StreamSend>,
+    mut deliver: impl FnMut(StreamEvent) -> bool,
+) {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    for (name, value) in request.initial_metadata.iter() {
+        if let (false, Ok(name), Ok(value)) = (
+            name.starts_with(':'),
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    let (sender, body) = crate::body::ChannelBody::new(Vec::new(), true);
+    let Some(sender) = sender else { return };
+    let mut outgoing = Request::new(body);
+    *outgoing.version_mut() = Version::HTTP_2;
+    *outgoing.method_mut() = http::Method::POST;
+    *outgoing.headers_mut() = headers;
+    match format!(
+        "http://{}/{}/{}",
+        request.upstream, request.service, request.method
+    )
+    .parse()
+    {
+        Ok(uri) => *outgoing.uri_mut() = uri,
+        Err(error) => {
+            deliver(StreamEvent::Close(GRPC_INTERNAL, format!("{error}")));
+            return;
+        }
+    }
+    // Up: the plugin's messages, framed, until it half-closes or goes away.
+    let upload = async move {
+        while let Some(send) = sends.recv().await {
+            match send {
+                StreamSend::Message(message, end) => {
+                    let mut framed = Vec::with_capacity(5 + message.len());
+                    framed.push(0);
+                    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                    framed.extend_from_slice(&message);
+                    if !sender.data(Bytes::from(framed)).await || end {
+                        return;
+                    }
+                }
+                StreamSend::HalfClose => return,
+            }
+        }
+    };
+    let download = async {
+        let response = match client.send(cluster.address, outgoing).await {
+            Ok(response) => response,
+            Err(error) => {
+                deliver(StreamEvent::Close(GRPC_UNAVAILABLE, error.to_string()));
+                return;
+            }
+        };
+        let (parts, mut body) = response.into_parts();
+        let metadata: HeaderMap = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        if !deliver(StreamEvent::InitialMetadata(metadata)) {
+            return;
+        }
+        let mut buffer = bytes::BytesMut::new();
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        buffer.extend_from_slice(&data);
+                        while buffer.len() >= 5 {
+                            let length =
+                                u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]])
+                                    as usize;
+                            if buffer.len() < 5 + length {
+                                break;
+                            }
+                            let message = buffer.split_to(5 + length);
+                            if !deliver(StreamEvent::Message(message[5..].to_vec())) {
+                                return;
+                            }
+                        }
+                    }
+                    Err(frame) => {
+                        let trailers = frame.into_trailers().unwrap_or_default();
+                        let code = trailers
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok()?.parse().ok())
+                            .unwrap_or(GRPC_INTERNAL);
+                        let message = trailers
+                            .get("grpc-message")
+                            .map(|m| String::from_utf8_lossy(m.as_bytes()).into_owned())
+                            .unwrap_or_default();
+                        let metadata = trailers
+                            .iter()
+                            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                            .collect();
+                        if deliver(StreamEvent::TrailingMetadata(metadata)) {
+                            deliver(StreamEvent::Close(code, message));
+                        }
+                        return;
+                    }
+                },
+                Some(Err(error)) => {
+                    deliver(StreamEvent::Close(GRPC_UNAVAILABLE, error.to_string()));
+                    return;
+                }
+                None => {
+                    deliver(StreamEvent::Close(
+                        GRPC_INTERNAL,
+                        "the stream ended without a grpc-status".into(),
+                    ));
+                    return;
+                }
+            }
+        }
+    };
+    // The answer may end before the plugin stops sending: the answer decides.
+    tokio::pin!(upload);
+    tokio::pin!(download);
+    let mut uploading = true;
+    loop {
+        tokio::select! {
+            () = &mut upload, if uploading => uploading = false,
+            () = &mut download => return,
+        }
     }
 }
 

@@ -39,11 +39,11 @@ use wisp_wasm_host::{
     StreamRequestKind, Supervisor,
 };
 
-use crate::body::WholeBody;
-use crate::callout::{self, Callout, CalloutQueue, Clusters, GrpcOutcome};
+use crate::callout::{
+    self, Callout, CalloutQueue, ClusterClients, Clusters, GrpcOutcome, StreamEvent,
+};
 use crate::metrics::{Metrics, PluginLabels};
 use crate::plugin_metrics::PluginMetrics;
-use crate::upstream::Upstreams;
 
 /// The response details Envoy gives a stream failed by a Wasm plugin.
 pub const WASM_FAIL_DETAILS: &str = "wasm_fail_stream";
@@ -57,7 +57,7 @@ pub struct ChainEnv {
     pub clusters: Clusters,
     /// The worker's pooled client for callouts (`None` for the reload
     /// canary, which never runs a request).
-    pub cluster_client: Option<Rc<Upstreams<WholeBody>>>,
+    pub cluster_client: Option<Rc<ClusterClients>>,
     pub plugin_metrics: Option<Arc<PluginMetrics>>,
     pub metrics: Option<Arc<Metrics>>,
 }
@@ -638,16 +638,7 @@ impl FilterChain {
 
     /// Delivers a callout's answer to slot `index` with the stream of the
     /// context that made it, if that stream is still alive.
-    fn deliver(
-        &mut self,
-        index: usize,
-        token: u32,
-        origin: u32,
-        deliver: impl FnOnce(
-            &mut PluginInstance,
-            Option<&mut HttpStream>,
-        ) -> Result<(), wisp_wasm_host::Error>,
-    ) {
+    fn deliver(&mut self, index: usize, token: u32, origin: u32, deliver: Delivery) {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
@@ -680,6 +671,43 @@ impl FilterChain {
             }
         }
         self.after_call(index);
+    }
+
+    /// Delivers one event of gRPC stream `token`; false once the plugin no
+    /// longer listens (cancelled, closed, or the instance is gone).
+    fn deliver_stream_event(
+        &mut self,
+        index: usize,
+        token: u32,
+        origin: u32,
+        event: StreamEvent,
+    ) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        if !slot.callouts.stream_open(token) {
+            return false;
+        }
+        let open = !matches!(event, StreamEvent::Close(..));
+        if !open {
+            slot.callouts.end_stream(token);
+        }
+        let delivery: Delivery = match event {
+            StreamEvent::InitialMetadata(metadata) => Box::new(move |instance, stream| {
+                instance.on_grpc_receive_initial_metadata(token, metadata, stream)
+            }),
+            StreamEvent::Message(message) => {
+                Box::new(move |instance, stream| instance.on_grpc_receive(token, message, stream))
+            }
+            StreamEvent::TrailingMetadata(metadata) => Box::new(move |instance, stream| {
+                instance.on_grpc_receive_trailing_metadata(token, metadata, stream)
+            }),
+            StreamEvent::Close(code, message) => Box::new(move |instance, stream| {
+                instance.on_grpc_close(token, code, &message, stream)
+            }),
+        };
+        self.deliver(index, token, origin, delivery);
+        open && self.slots[index].callouts.stream_open(token)
     }
 
     fn tick(&mut self, index: usize) {
@@ -772,7 +800,7 @@ async fn run_callout(
     chain: Weak<RefCell<FilterChain>>,
     index: usize,
     call: Callout,
-    client: Rc<Upstreams<WholeBody>>,
+    client: Rc<ClusterClients>,
 ) {
     let deliver = |token, origin, f: Delivery| {
         let Some(chain) = chain.upgrade() else { return };
@@ -786,7 +814,7 @@ async fn run_callout(
             let (token, origin) = (request.token, request.context_id);
             let span = tracing::debug_span!("http_call", cluster = %request.upstream, token);
             let response = tracing::Instrument::instrument(
-                callout::send_http(&client, &cluster, request),
+                callout::send_http(&client.calls, &cluster, request),
                 span,
             )
             .await;
@@ -800,7 +828,7 @@ async fn run_callout(
         }
         Callout::Grpc(request, cluster) => {
             let (token, origin) = (request.token, request.context_id);
-            let outcome = callout::send_grpc(&client, &cluster, request).await;
+            let outcome = callout::send_grpc(&client.calls, &cluster, request).await;
             deliver(
                 token,
                 origin,
@@ -813,6 +841,22 @@ async fn run_callout(
                     }
                 }),
             );
+        }
+        Callout::GrpcStream(request, cluster, sends) => {
+            let (token, origin) = (request.token, request.context_id);
+            callout::run_grpc_stream(&client.streams, &cluster, request, sends, |event| {
+                let Some(chain) = chain.upgrade() else {
+                    return false;
+                };
+                match chain.try_borrow_mut() {
+                    Ok(mut chain) => chain.deliver_stream_event(index, token, origin, event),
+                    Err(_) => {
+                        tracing::warn!(token, "gRPC stream event dropped: the chain is busy");
+                        true
+                    }
+                }
+            })
+            .await;
         }
     }
 }

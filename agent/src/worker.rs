@@ -83,7 +83,7 @@ pub struct HttpContext {
 
 impl WorkerContext {
     /// The environment of this worker's filter chains.
-    fn chain_env(&self, cluster_client: &Rc<Upstreams<crate::body::WholeBody>>) -> ChainEnv {
+    fn chain_env(&self, cluster_client: &Rc<crate::callout::ClusterClients>) -> ChainEnv {
         ChainEnv {
             clusters: self.http.clusters.clone(),
             cluster_client: Some(cluster_client.clone()),
@@ -170,8 +170,10 @@ fn run_worker(
                 .transpose()
                 .map_err(|source| WorkerError::Runtime { index, source })?;
             // Callouts to clusters: plain TCP, pooled per cluster address.
-            let cluster_client: Rc<Upstreams<crate::body::WholeBody>> =
-                Rc::new(Upstreams::<crate::body::WholeBody>::new(None).map_err(tls_err)?);
+            let cluster_client = Rc::new(crate::callout::ClusterClients {
+                calls: Upstreams::new(None).map_err(tls_err)?,
+                streams: Upstreams::new(None).map_err(tls_err)?,
+            });
             let plugins = context.plugins.borrow().clone();
             let chain = FilterChain::new(&plugins, context.chain_env(&cluster_client))
                 .map_err(|source| WorkerError::Plugin { index, source })?;
@@ -241,7 +243,7 @@ async fn follow_plugin_updates(
     index: usize,
     http: Rc<HttpWorker>,
     mut context: WorkerContext,
-    cluster_client: Rc<Upstreams<crate::body::WholeBody>>,
+    cluster_client: Rc<crate::callout::ClusterClients>,
 ) {
     loop {
         tokio::select! {

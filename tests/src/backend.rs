@@ -1,7 +1,8 @@
 //! A cluster plugins call out to, on loopback, run inside the test
 //! process: `POST /check` answers `checked:<method>:<path>:<body>` (after
 //! 3 s when the body is `slow`), with the trailer `x-answer-trailer: t1`; the gRPC method `/wisp.Check/Allow`
-//! answers the message `allow:<x-md metadata>:<request message>`. Serves
+//! answers the message `allow:<x-md metadata>:<request message>`, and the
+//! stream `/wisp.Check/Stream` answers each message `m` with `echo:m`. Serves
 //! HTTP/1.1 and HTTP/2 (prior knowledge). Stopped on drop.
 
 use std::convert::Infallible;
@@ -114,16 +115,26 @@ async fn backend_answer(
             .get("x-md")
             .map(|v| v.to_str().unwrap_or_default().to_owned())
             .unwrap_or_default();
-        let message = if body.len() >= 5 {
+        let mut messages = Vec::new();
+        while body.len() >= 5 {
+            let length = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
             body.advance(5);
-            String::from_utf8_lossy(&body).into_owned()
+            let length = length.min(body.len());
+            messages.push(String::from_utf8_lossy(&body[..length]).into_owned());
+            body.advance(length);
+        }
+        // Allow: one answer; Stream: one answer per message.
+        let answers: Vec<String> = if path == "/wisp.Check/Stream" {
+            messages.iter().map(|m| format!("echo:{m}")).collect()
         } else {
-            String::new()
+            vec![format!("allow:{metadata}:{}", messages.concat())]
         };
-        let answer = format!("allow:{metadata}:{message}");
-        let mut framed = vec![0];
-        framed.extend_from_slice(&(answer.len() as u32).to_be_bytes());
-        framed.extend_from_slice(answer.as_bytes());
+        let mut framed = Vec::new();
+        for answer in answers {
+            framed.push(0);
+            framed.extend_from_slice(&(answer.len() as u32).to_be_bytes());
+            framed.extend_from_slice(answer.as_bytes());
+        }
         let mut trailers = hyper::HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
         let mut response = hyper::Response::new(TrailerBody {

@@ -535,3 +535,79 @@ fn without_plugins_bodies_stream_through_untouched() {
         assert_eq!(seen["pad"].as_str().map(str::len), Some(100_000));
     }
 }
+
+/// Opens a gRPC stream to `grpc-backend` in each request's headers, sends
+/// "a" then "b" (end of stream) and pauses; counts answer messages in
+/// `wat_grpc_messages`, records 100 + the close status in the gauge
+/// `wat_grpc_close` and resumes the request from `on_grpc_close`.
+fn streamer() -> String {
+    format!(
+        r#"(module
+  (import "env" "proxy_grpc_stream" (func $stream (param i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_grpc_send" (func $send (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
+  (import "env" "proxy_record_metric" (func $record (param i32 i64) (result i32)))
+  (import "env" "proxy_set_effective_context" (func $effective (param i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+  {PREAMBLE}
+  (data (i32.const 16) "grpc-backend")
+  (data (i32.const 32) "wisp.Check")
+  (data (i32.const 48) "Stream")
+  (data (i32.const 56) "ab")
+  (data (i32.const 112) "wat_grpc_messages")
+  (data (i32.const 160) "wat_grpc_close")
+  (global $ctx (mut i32) (i32.const 0))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $define (i32.const 0) (i32.const 112) (i32.const 17) (i32.const 200)))
+    (drop (call $define (i32.const 1) (i32.const 160) (i32.const 14) (i32.const 204)))
+    (i32.const 1))
+  (func (export "proxy_on_request_headers") (param $id i32) (param i32 i32) (result i32)
+    (global.set $ctx (local.get $id))
+    (if (call $stream (i32.const 16) (i32.const 12) (i32.const 32) (i32.const 10)
+                      (i32.const 48) (i32.const 6) (i32.const 0) (i32.const 0) (i32.const 208))
+      (then (return (i32.const 0))))
+    (drop (call $send (i32.load (i32.const 208)) (i32.const 56) (i32.const 1) (i32.const 0)))
+    (drop (call $send (i32.load (i32.const 208)) (i32.const 57) (i32.const 1) (i32.const 1)))
+    (i32.const 1))
+  (func (export "proxy_on_grpc_receive") (param i32 i32 i32)
+    (drop (call $inc (i32.load (i32.const 200)) (i64.const 1))))
+  (func (export "proxy_on_grpc_close") (param i32 i32) (param $status i32)
+    (drop (call $record (i32.load (i32.const 204))
+                        (i64.extend_i32_s (i32.add (local.get $status) (i32.const 100)))))
+    (drop (call $effective (global.get $ctx)))
+    (drop (call $continue (i32.const 0)))))"#
+    )
+}
+
+#[test]
+fn a_grpc_stream_carries_the_plugins_messages_and_delivers_every_answer() {
+    let _echo = echo(19277);
+    let _backend = Backend::start(19278);
+    let (_dir, mut args) = wat_plugin("streamer", &streamer());
+    args.extend(["--cluster".into(), "grpc-backend=127.0.0.1:19278".into()]);
+    let agent = proxy(19275, 19276, 19277, &args);
+    let reply = curl(&["http://127.0.0.1:19275/streamed"]);
+    assert_eq!(reply.status, 200, "resumed from on_grpc_close: {reply:?}");
+    assert!(reply.echo().is_some(), "{reply:?}");
+    let metrics = agent.metrics().unwrap();
+    let labels = |name| [("plugin", "streamer"), ("name", name)];
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_wasm_plugin_counter_total",
+            &labels("wat_grpc_messages")
+        ),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_wasm_plugin_gauge",
+            &labels("wat_grpc_close")
+        ),
+        100.0,
+        "status OK: {metrics}"
+    );
+}
