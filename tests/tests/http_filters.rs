@@ -1,10 +1,11 @@
 //! The agent's HTTP request path through Proxy-Wasm filters, with real
 //! traffic through `wisp proxy`: request and response bodies (streamed,
 //! buffered, rewritten, with their framing fixed), the buffer limit (413 /
-//! 500), trailers over HTTP/2, a stream paused in its headers and resumed by
-//! an http_call answer or by a tick, http_call and gRPC to named clusters
-//! (unknown cluster, dead cluster, timeout), shared-queue wakeups and
-//! plugin-defined metrics on /metrics.
+//! 500), trailers over HTTP/2 and chunked HTTP/1.1, a stream paused in its
+//! headers and resumed by an http_call answer, a gRPC close or a tick,
+//! http_call, unary gRPC and gRPC streams to named clusters (unknown
+//! cluster, dead cluster, timeout), a plugin trapping on a body,
+//! shared-queue wakeups and plugin-defined metrics on /metrics.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
