@@ -612,3 +612,28 @@ fn a_grpc_stream_carries_the_plugins_messages_and_delivers_every_answer() {
         "status OK: {metrics}"
     );
 }
+
+/// Closes every stream in its request headers (`proxy_close_stream`).
+const CLOSER: &str = r#"(module
+  (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $close (i32.const 0)))
+    (i32.const 1)))"#;
+
+#[test]
+fn proxy_close_stream_resets_the_stream_and_nothing_else() {
+    let _echo = echo(19261);
+    let (_dir, args) = wat_plugin("closer", CLOSER);
+    let agent = proxy(19279, 19260, 19261, &args);
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let result = http::curl(&[version, "http://127.0.0.1:19279/"]);
+        assert!(result.is_err(), "{version}: no answer, a reset: {result:?}");
+    }
+    assert_eq!(agent.admin_get("/ready").unwrap().status, 200);
+}
