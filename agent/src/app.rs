@@ -21,8 +21,8 @@ use crate::config::{Config, ModulesConfig};
 use crate::ebpf::Dataplane;
 use crate::listener::{Destination, ListenerSpec, Protocol};
 use crate::metrics::{KernelCounters, Metrics};
-use crate::plugins::{ConfiguredPlugin, PluginKind, PluginMatch};
 use crate::module_fetch::ModuleFetcher;
+use crate::plugins::{ConfiguredPlugin, PluginKind, PluginMatch};
 use crate::worker::{DataplaneCell, WorkerContext, Workers};
 
 /// A plugin to load: where its module is, how to configure it, and whether
@@ -132,6 +132,8 @@ struct ServeSpec {
     reload: Option<(PathBuf, Config)>,
     /// Where to append the JSON-lines access log.
     access_log: Option<PathBuf>,
+    /// Clusters and body settings of the request path.
+    http: crate::worker::HttpContext,
 }
 
 /// `wisp run`: the node agent, until SIGINT or SIGTERM; `config_path` is
@@ -170,6 +172,11 @@ pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         config_dump: serde_json::to_value(&config).unwrap_or_default(),
         reload: Some((config_path, config.clone())),
         access_log: config.access_log.clone(),
+        http: crate::worker::HttpContext {
+            clusters: crate::callout::clusters_from_specs(&config.clusters),
+            settings: config.http.clone(),
+            plugin_metrics: None,
+        },
     };
     serve(spec, |registry| {
         let options = crate::ebpf::DataplaneOptions::from_config(&config, redirect);
@@ -221,6 +228,10 @@ pub struct QuickMode {
     pub upstream_tls: Option<crate::tls::UpstreamTls>,
     /// Where to append the JSON-lines access log.
     pub access_log: Option<PathBuf>,
+    /// `--cluster NAME=ADDR`: upstreams plugins may call out to.
+    pub clusters: BTreeMap<String, crate::callout::Cluster>,
+    /// `--buffer-limit-bytes`.
+    pub http: crate::body::HttpSettings,
 }
 
 pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
@@ -258,6 +269,8 @@ pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "workers": quick.workers,
         "admin": quick.admin,
+        "clusters": &quick.clusters,
+        "http": &quick.http,
     });
     serve(
         ServeSpec {
@@ -269,6 +282,11 @@ pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
             config_dump,
             reload: None,
             access_log: quick.access_log,
+            http: crate::worker::HttpContext {
+                clusters: Arc::new(quick.clusters),
+                settings: quick.http,
+                plugin_metrics: None,
+            },
         },
         |_| Ok(None),
     )
@@ -291,6 +309,12 @@ fn serve(
         let plugin_count = spec.plugins.len();
         let (plugins_tx, plugins_rx) = tokio::sync::watch::channel(Arc::new(spec.plugins));
         registry.register_collector(Box::new(crate::metrics::PluginCounters(plugins_rx.clone())));
+        let plugin_metrics = Arc::new(crate::plugin_metrics::PluginMetrics::default());
+        registry.register_collector(Box::new(crate::plugin_metrics::PluginMetricsCollector(
+            plugin_metrics.clone(),
+        )));
+        let mut http = spec.http;
+        http.plugin_metrics = Some(plugin_metrics);
         let listeners = Arc::new(spec.listeners);
         // Listen before steering anything, so a steered connect never meets
         // a closed port.
@@ -312,6 +336,7 @@ fn serve(
                 shutdown: shutdown_rx.clone(),
                 drain_timeout: spec.drain_timeout,
                 access_log,
+                http,
             },
         )?;
         for listener in listeners.iter() {

@@ -13,8 +13,8 @@ use serde_saphyr::Spanned;
 use wisp_wasm_host::FailurePolicy;
 
 use crate::listener::Protocol;
-use crate::plugins::{PluginKind, PluginMatch};
 use crate::module_fetch::{ModuleLocation, parse_sha256};
+use crate::plugins::{PluginKind, PluginMatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -88,6 +88,12 @@ pub struct Config {
     /// The file this configuration was read from, for errors that name it.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// Upstreams plugins may call with `http_call` / gRPC, by name.
+    #[serde(default)]
+    pub clusters: BTreeMap<String, crate::callout::ClusterSpec>,
+    /// The HTTP request path (body buffer limit).
+    #[serde(default)]
+    pub http: crate::body::HttpSettings,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -477,6 +483,36 @@ impl Config {
                 .check(i, &self.services[..i])
                 .map_err(|(line, field, message)| invalid(line, field, message))?;
         }
+        for (name, cluster) in &self.clusters {
+            if name.is_empty() {
+                return Err(invalid(
+                    cluster.address.line,
+                    "clusters".into(),
+                    "a cluster name is empty".into(),
+                ));
+            }
+            if cluster.address.value.port() == 0 {
+                return Err(invalid(
+                    cluster.address.line,
+                    format!("clusters.{name}.address"),
+                    "needs a port".into(),
+                ));
+            }
+            if cluster.timeout_ms == Some(0) {
+                return Err(invalid(
+                    cluster.address.line,
+                    format!("clusters.{name}.timeout_ms"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        if self.http.buffer_limit_bytes == 0 {
+            return Err(invalid(
+                0,
+                "http.buffer_limit_bytes".into(),
+                "must be at least 1".into(),
+            ));
+        }
         for (i, rule) in self.policy.iter().enumerate() {
             rule.check(i, &self.workloads)
                 .map_err(|(line, field, message)| invalid(line, field, message))?;
@@ -620,6 +656,8 @@ impl Config {
             "services",
             "inbound",
             "listeners",
+            "clusters",
+            "http",
         ]
         .into_iter()
         .filter(|field| old.get(field) != new.get(field))
@@ -876,5 +914,39 @@ workloads:
         let text = GOOD.replace("/proc/self/ns/net", "/var/run/netns/does-not-exist");
         let err = load_str(&text).unwrap_err().to_string();
         assert!(err.contains(":9: `workloads[0].netns`"), "{err}");
+    }
+
+    #[test]
+    fn clusters_and_the_buffer_limit() {
+        let text = format!(
+            "{GOOD}clusters:\n  backend:\n    address: 127.0.0.1:9000\n    timeout_ms: 250\n  grpc:\n    address: 127.0.0.1:9001\n    protocol: http2\nhttp:\n  buffer_limit_bytes: 4096\n"
+        );
+        let config = load_str(&text).unwrap();
+        let clusters = crate::callout::clusters_from_specs(&config.clusters);
+        assert_eq!(clusters["backend"].address.to_string(), "127.0.0.1:9000");
+        assert_eq!(
+            clusters["backend"].timeout,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            clusters["grpc"].protocol,
+            crate::callout::ClusterProtocol::Http2
+        );
+        assert_eq!(config.http.buffer_limit_bytes, 4096);
+        assert_eq!(
+            load_str(GOOD).unwrap().http.buffer_limit_bytes,
+            crate::body::DEFAULT_BUFFER_LIMIT_BYTES
+        );
+
+        let zero = text.replace("timeout_ms: 250", "timeout_ms: 0");
+        let err = load_str(&zero).unwrap_err().to_string();
+        assert!(err.contains("`clusters.backend.timeout_ms`"), "{err}");
+        assert!(err.contains(":12:"), "{err}");
+        let bad = text.replace("127.0.0.1:9000", "nowhere");
+        let err = load_str(&bad).unwrap_err().to_string();
+        assert!(err.contains(":12:"), "{err}");
+        let unknown = text.replace("timeout_ms: 250", "timeout: 250");
+        let err = load_str(&unknown).unwrap_err().to_string();
+        assert!(err.contains("unknown field `timeout`"), "{err}");
     }
 }

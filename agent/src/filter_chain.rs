@@ -1,6 +1,6 @@
 //! One worker's Proxy-Wasm filter chain: its own instance of each plugin, run
-//! in order on request headers and in reverse order on response headers, as
-//! Envoy's HTTP filter manager does.
+//! in order on the request (headers, body chunks, trailers) and in reverse
+//! order on the response, as Envoy's HTTP filter manager does.
 //!
 //! Each plugin runs under a [`Supervisor`] with its failure policy, as in
 //! Envoy: a plugin that fails (a trap, a deadline, a host error) gives the
@@ -9,58 +9,269 @@
 //! instance's memory can no longer be trusted. FAIL_RELOAD re-creates it
 //! with jittered backoff until a crash-loop limit; the other policies keep
 //! applying to later requests until the configuration is reloaded.
+//!
+//! **Pausing.** A plugin that stops a header or trailer phase without a
+//! local response (or stops the last body chunk) pauses the stream at its
+//! position; the request path waits on the stream's [`StreamState`] until
+//! the plugin calls `proxy_continue_stream` (typically from an
+//! `on_http_call_response` or `on_tick`), sends a local response, or closes
+//! the stream. Every call into an instance is followed by
+//! [`FilterChain::after_call`], which starts the callouts the plugin queued,
+//! routes its continue/close requests to the streams they name, and tells
+//! the tick loop about a new tick period.
+//!
+//! **Bodies.** Each plugin has its own buffer per direction: a chunk goes
+//! through the plugins in order; one that returns Pause (Envoy's
+//! StopIterationAndBuffer) keeps what it got and sees it again, with the
+//! next chunk appended, on the next call; what it lets through goes on to
+//! the next plugin. The request path enforces the buffer limit.
 
-use std::time::Instant;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+use wisp_wasm_host::abi::StreamType;
 use wisp_wasm_host::{
-    Action, Embedder, FailureAction, HttpStream, LocalResponse, Plugin, Supervisor,
+    Action, Embedder, FailureAction, HttpStream, LocalResponse, Plugin, PluginInstance,
+    StreamRequestKind, Supervisor,
 };
 
+use crate::callout::{
+    self, Callout, CalloutQueue, ClusterClients, Clusters, GrpcOutcome, StreamEvent,
+};
 use crate::metrics::{Metrics, PluginLabels};
+use crate::plugin_metrics::PluginMetrics;
 use crate::plugins::{Facts, PluginMatch};
 
 /// The response details Envoy gives a stream failed by a Wasm plugin.
 pub const WASM_FAIL_DETAILS: &str = "wasm_fail_stream";
 
+/// A worker's chain, shared by its requests and its background tasks.
+pub type SharedChain = Rc<RefCell<FilterChain>>;
+
+/// What a chain needs from its worker beyond the plugins.
+#[derive(Clone, Default)]
+pub struct ChainEnv {
+    pub clusters: Clusters,
+    /// The worker's pooled client for callouts (`None` for the reload
+    /// canary, which never runs a request).
+    pub cluster_client: Option<Rc<ClusterClients>>,
+    pub plugin_metrics: Option<Arc<PluginMetrics>>,
+    pub metrics: Option<Arc<Metrics>>,
+}
+
 struct Slot {
     supervisor: Supervisor,
+    callouts: Arc<CalloutQueue>,
+    /// Woken (from any thread) when a shared queue of this plugin got items.
+    queue_ready: Arc<Notify>,
+    /// Woken when the tick period changed.
+    tick_changed: Rc<Notify>,
+    tick_period: Option<Duration>,
+    labels: PluginLabels,
     /// Requests that do not match skip the plugin (`plugins[].match`).
     matcher: Option<PluginMatch>,
 }
 
 pub struct FilterChain {
     slots: Vec<Slot>,
+    /// The live streams by (slot, context id), for callout answers and
+    /// `proxy_continue_stream` from other callbacks.
+    streams: HashMap<(usize, u32), Rc<StreamState>>,
+    env: ChainEnv,
+    metrics: Arc<Metrics>,
+    this: Weak<RefCell<FilterChain>>,
 }
 
-/// The HTTP contexts one request holds in each plugin of the chain.
+/// Which way through the chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+impl Direction {
+    fn index(self) -> usize {
+        match self {
+            Direction::Request => 0,
+            Direction::Response => 1,
+        }
+    }
+}
+
+/// One request as the chain sees it: the maps and bodies lent to plugins,
+/// the contexts it holds in each plugin, and how paused phases resume.
 #[derive(Default)]
-pub struct StreamContexts {
+pub struct StreamState {
+    pub stream: RefCell<HttpStream>,
     /// Per slot: the context id, if the plugin has a context for this stream.
-    ids: Vec<Option<u32>>,
+    contexts: RefCell<Vec<Option<u32>>>,
+    /// Per direction, per slot: body bytes the plugin holds back.
+    buffers: [RefCell<Vec<Vec<u8>>>; 2],
+    /// Per direction: the slot that asked to continue.
+    resumed: [Cell<Option<usize>>; 2],
+    closed: Cell<bool>,
+    /// A plugin failed in an asynchronous callback: `Some(reply)` to send,
+    /// `None` to go on without it (FAIL_OPEN), with the slot.
+    failure: RefCell<Option<(usize, Option<LocalResponse>)>>,
+    /// Per direction: woken on any of the above.
+    wake: [Notify; 2],
 }
 
-/// What the request path does after the request headers went through the chain.
-pub enum RequestVerdict {
-    /// Forward upstream with the (possibly rewritten) request headers.
-    Forward,
-    /// Answer downstream with this response instead.
+impl StreamState {
+    pub fn new(stream: HttpStream) -> Rc<StreamState> {
+        Rc::new(StreamState {
+            stream: RefCell::new(stream),
+            ..Default::default()
+        })
+    }
+
+    fn wake_all(&self) {
+        self.wake[0].notify_one();
+        self.wake[1].notify_one();
+    }
+
+    /// Bytes held back by all plugins in both directions.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buffers
+            .iter()
+            .map(|b| b.borrow().iter().map(Vec::len).sum::<usize>())
+            .sum()
+    }
+
+    /// Waits until something may have changed for a phase paused in `dir`.
+    pub async fn changed(&self, dir: Direction) {
+        self.wake[dir.index()].notified().await;
+    }
+
+    /// What resumed a phase paused at `slot`, if anything yet.
+    pub fn poll_resume(&self, dir: Direction, slot: usize) -> Option<Resume> {
+        if let Some(local) = self.stream.borrow_mut().local_response.take() {
+            return Some(Resume::Respond(local));
+        }
+        if self.closed.get() {
+            return Some(Resume::Reset);
+        }
+        if let Some((_, failure)) = self.failure.borrow_mut().take() {
+            return Some(match failure {
+                Some(local) => Resume::Respond(local),
+                None => Resume::Continue,
+            });
+        }
+        if self.resumed[dir.index()].get() == Some(slot) {
+            self.resumed[dir.index()].set(None);
+            return Some(Resume::Continue);
+        }
+        None
+    }
+
+    /// The slot whose plugin asked to continue `dir`, if any (taken).
+    pub fn take_resumed(&self, dir: Direction) -> Option<usize> {
+        self.resumed[dir.index()].take()
+    }
+}
+
+/// One plugin's answer to a body chunk.
+enum OneBody {
+    /// What it let through.
+    Through(Vec<u8>),
+    /// It keeps everything (now in its buffer).
+    Held,
     Respond(LocalResponse),
+}
+
+/// How a paused phase ends.
+#[derive(Debug)]
+pub enum Resume {
+    Continue,
+    Respond(LocalResponse),
+    /// `proxy_close_stream`: reset the stream.
+    Reset,
+}
+
+/// The outcome of running a header or trailer phase.
+#[derive(Debug)]
+pub enum Step {
+    /// Every plugin let it through.
+    Continue,
+    /// The plugin in this slot stopped; wait for it, then resume after it.
+    Paused(usize),
+    /// Answer with this instead.
+    Respond(LocalResponse),
+}
+
+/// The outcome of running a body chunk.
+#[derive(Debug)]
+pub enum BodyStep {
+    /// What the last plugin let through (may be empty).
+    Forward(Vec<u8>),
+    /// A plugin holds the data; feed the next chunk.
+    Buffered,
+    /// A plugin stopped the end of the body; wait for it to resume.
+    Paused(usize),
+    Respond(LocalResponse),
+    /// The plugins hold more than the buffer limit.
+    Overflow,
 }
 
 impl FilterChain {
     /// Instantiates every plugin for this worker; fails if one cannot start,
     /// so a bad plugin is found at start-up rather than on the first request.
-    pub fn new(plugins: &[Plugin]) -> Result<FilterChain, wisp_wasm_host::Error> {
-        let slots = plugins
-            .iter()
-            .map(|plugin| {
-                Ok(Slot {
-                    supervisor: Supervisor::new(plugin.clone(), Embedder::default())?,
-                    matcher: None,
-                })
+    pub fn new(plugins: &[Plugin], env: ChainEnv) -> Result<SharedChain, wisp_wasm_host::Error> {
+        let mut slots = Vec::with_capacity(plugins.len());
+        for plugin in plugins {
+            let callouts = CalloutQueue::new(env.clusters.clone());
+            let queue_ready = Arc::new(Notify::new());
+            let waker = queue_ready.clone();
+            let embedder = Embedder {
+                callouts: Some(callouts.clone()),
+                metrics: env.plugin_metrics.as_ref().map(|m| m.sink(plugin.name())),
+                queue_waker: Some(Arc::new(move || waker.notify_one())),
+                ..Default::default()
+            };
+            let mut supervisor = Supervisor::new(plugin.clone(), embedder)?;
+            let tick_period = supervisor
+                .instance(Instant::now())
+                .and_then(|i| i.tick_period());
+            slots.push(Slot {
+                supervisor,
+                callouts,
+                queue_ready,
+                tick_changed: Rc::new(Notify::new()),
+                tick_period,
+                labels: PluginLabels {
+                    plugin: plugin.name().to_owned(),
+                },
+                matcher: None,
+            });
+        }
+        let metrics = env.metrics.clone().unwrap_or_else(|| {
+            Arc::new(Metrics::new(
+                &mut prometheus_client::registry::Registry::default(),
+            ))
+        });
+        Ok(Rc::new_cyclic(|this| {
+            RefCell::new(FilterChain {
+                slots,
+                streams: HashMap::new(),
+                env,
+                metrics,
+                this: this.clone(),
             })
-            .collect::<Result<_, wisp_wasm_host::Error>>()?;
-        Ok(FilterChain { slots })
+        }))
+    }
+
+    /// Starts the chain's timers and shared-queue listeners on this
+    /// worker; they end when the chain is dropped.
+    pub fn start_background(chain: &SharedChain) {
+        let count = chain.borrow().slots.len();
+        for index in 0..count {
+            tokio::task::spawn_local(tick_loop(Rc::downgrade(chain), index));
+            tokio::task::spawn_local(queue_loop(Rc::downgrade(chain), index));
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,132 +279,612 @@ impl FilterChain {
     }
 
     /// Sets each plugin's match, in plugin order.
-    pub fn with_matches(mut self, matches: Vec<Option<PluginMatch>>) -> FilterChain {
+    pub fn set_matches(&mut self, matches: Vec<Option<PluginMatch>>) {
         for (slot, matcher) in self.slots.iter_mut().zip(matches) {
             slot.matcher = matcher;
         }
-        self
     }
 
-    /// Runs `on_request_headers` through the chain, stopping at the first
-    /// plugin that answers the request itself.
-    pub fn on_request_headers(
+    fn slot_at(&self, dir: Direction, pos: usize) -> usize {
+        match dir {
+            Direction::Request => pos,
+            Direction::Response => self.slots.len() - 1 - pos,
+        }
+    }
+
+    fn pos_of(&self, dir: Direction, slot: usize) -> usize {
+        // The mapping is its own inverse.
+        self.slot_at(dir, slot)
+    }
+
+    /// Runs request or response headers through the chain, starting after
+    /// the slot `after` (a resumed phase) or at the start. Request headers
+    /// create each plugin's context for the stream as they reach it.
+    pub fn headers(
         &mut self,
-        contexts: &mut StreamContexts,
-        stream: &mut HttpStream,
+        dir: Direction,
+        after: Option<usize>,
+        state: &Rc<StreamState>,
         end_of_stream: bool,
-        metrics: &Metrics,
-    ) -> RequestVerdict {
-        contexts.ids.resize(self.slots.len(), None);
-        for (index, slot) in self.slots.iter_mut().enumerate() {
-            if let Some(matcher) = &slot.matcher
-                && !matcher.matches(&Facts::of_request(stream))
+    ) -> Step {
+        let n = self.slots.len();
+        let from = after.map_or(0, |slot| self.pos_of(dir, slot) + 1);
+        state.contexts.borrow_mut().resize(n, None);
+        for pos in from..n {
+            let index = self.slot_at(dir, pos);
+            let existing = state.contexts.borrow()[index];
+            let slot = &mut self.slots[index];
+            if dir == Direction::Request
+                && let Some(matcher) = &slot.matcher
+                && !matcher.matches(&Facts::of_request(&state.stream.borrow()))
             {
                 // Not for this request: no HTTP context, as if not configured.
+                state.contexts.borrow_mut()[index] = None;
                 continue;
             }
             let Some(instance) = slot.supervisor.instance(Instant::now()) else {
-                match slot.unavailable(metrics) {
-                    Some(response) => return RequestVerdict::Respond(response),
-                    None => continue,
-                }
-            };
-            let result = instance.create_http_context().and_then(|id| {
-                contexts.ids[index] = Some(id);
-                instance.on_request_headers(id, stream, end_of_stream)
-            });
-            if result.is_ok() {
-                slot.supervisor.on_success();
-            }
-            match result {
-                Ok(_) if stream.local_response.is_some() => {
-                    metrics.local_responses.get_or_create(&slot.labels()).inc();
-                    let response = stream.local_response.take().expect("checked above");
-                    return RequestVerdict::Respond(response);
-                }
-                Ok(Action::Continue) => {}
-                Ok(Action::Pause) => {
-                    // Resuming a paused stream needs http_call or timers, which
-                    // arrive with the complete host; until then nothing could
-                    // ever resume it, so fail it rather than hang.
-                    tracing::warn!(
-                        plugin = slot.supervisor.plugin().name(),
-                        "plugin paused request headers without a local response; pausing is not supported yet"
-                    );
-                    return RequestVerdict::Respond(plugin_failure_response(
-                        500,
-                        "wasm_pause_unsupported",
-                    ));
-                }
-                Err(error) => {
-                    if let Some(response) = slot.fail(error, metrics) {
-                        return RequestVerdict::Respond(response);
+                state.contexts.borrow_mut()[index] = None;
+                if dir == Direction::Request {
+                    match slot.unavailable(&self.metrics) {
+                        Some(response) => return Step::Respond(response),
+                        None => continue,
                     }
                 }
+                continue;
+            };
+            let result = match (dir, existing) {
+                (Direction::Request, _) => instance.create_http_context().and_then(|id| {
+                    state.contexts.borrow_mut()[index] = Some(id);
+                    self.streams.insert((index, id), state.clone());
+                    let mut stream = state.stream.borrow_mut();
+                    instance.on_request_headers(id, &mut stream, end_of_stream)
+                }),
+                (Direction::Response, Some(id)) => {
+                    let mut stream = state.stream.borrow_mut();
+                    instance.on_response_headers(id, &mut stream, end_of_stream)
+                }
+                (Direction::Response, None) => continue,
+            };
+            if let Some(step) = self.settle(index, dir, state, result) {
+                return step;
             }
         }
-        RequestVerdict::Forward
+        Step::Continue
     }
 
-    /// Runs `on_response_headers` through the chain in reverse order. Like
-    /// Envoy, local responses pass through here too, so a plugin also sees
-    /// (and decorates) the replies that it or another plugin generated.
-    /// Returns a replacement response when a FAIL_CLOSED plugin fails.
-    pub fn on_response_headers(
+    /// The common end of a header or trailer callback: local response,
+    /// pause, or failure policy; `None` means "go on to the next plugin".
+    fn settle(
         &mut self,
-        contexts: &mut StreamContexts,
-        stream: &mut HttpStream,
+        index: usize,
+        dir: Direction,
+        state: &Rc<StreamState>,
+        result: Result<Action, wisp_wasm_host::Error>,
+    ) -> Option<Step> {
+        if result.is_ok() {
+            self.slots[index].supervisor.on_success();
+        }
+        state.resumed[dir.index()].set(None);
+        self.after_call(index);
+        match result {
+            Ok(_) if state.stream.borrow().local_response.is_some() => {
+                let response = state.stream.borrow_mut().local_response.take()?;
+                self.count_local_response(index);
+                Some(Step::Respond(response))
+            }
+            Ok(Action::Continue) => None,
+            Ok(Action::Pause) => {
+                // A plugin that resumed within its own callback goes on.
+                if state.take_resumed(dir) == Some(index) {
+                    return None;
+                }
+                Some(Step::Paused(index))
+            }
+            Err(error) => {
+                state.contexts.borrow_mut()[index] = None;
+                self.slots[index]
+                    .fail(error, &self.metrics)
+                    .map(Step::Respond)
+            }
+        }
+    }
+
+    /// Runs one body chunk (`data`, `end_of_stream`) through the chain,
+    /// starting after slot `after` (whose buffer is then released) or at
+    /// the start.
+    pub fn body(
+        &mut self,
+        dir: Direction,
+        after: Option<usize>,
+        state: &Rc<StreamState>,
+        mut data: Vec<u8>,
         end_of_stream: bool,
-        metrics: &Metrics,
-    ) -> Option<LocalResponse> {
-        for (index, slot) in self.slots.iter_mut().enumerate().rev() {
-            let Some(id) = contexts.ids.get(index).copied().flatten() else {
-                continue;
-            };
-            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
-                // The instance that held this context is gone.
-                contexts.ids[index] = None;
-                continue;
-            };
-            let result = instance.on_response_headers(id, stream, end_of_stream);
-            if let Err(error) = result {
-                contexts.ids[index] = None;
-                if let Some(response) = slot.fail(error, metrics) {
-                    return Some(response);
+        limit: usize,
+    ) -> BodyStep {
+        let n = self.slots.len();
+        state.contexts.borrow_mut().resize(n, None);
+        state.buffers[dir.index()]
+            .borrow_mut()
+            .resize(n, Vec::new());
+        let from = match after {
+            Some(slot) => {
+                let mut held = std::mem::take(&mut state.buffers[dir.index()].borrow_mut()[slot]);
+                held.extend_from_slice(&data);
+                data = held;
+                self.pos_of(dir, slot) + 1
+            }
+            None => 0,
+        };
+        for pos in from..n {
+            let index = self.slot_at(dir, pos);
+            match self.call_body(index, dir, state, data, end_of_stream) {
+                OneBody::Through(out) => data = out,
+                OneBody::Respond(response) => return BodyStep::Respond(response),
+                OneBody::Held => {
+                    if state.buffered_bytes() > limit {
+                        return BodyStep::Overflow;
+                    }
+                    return if end_of_stream {
+                        BodyStep::Paused(index)
+                    } else {
+                        BodyStep::Buffered
+                    };
                 }
             }
         }
-        None
+        BodyStep::Forward(data)
+    }
+
+    /// One plugin's body callback on what it held plus `data`.
+    fn call_body(
+        &mut self,
+        index: usize,
+        dir: Direction,
+        state: &Rc<StreamState>,
+        data: Vec<u8>,
+        end_of_stream: bool,
+    ) -> OneBody {
+        let Some(id) = state.contexts.borrow()[index] else {
+            return OneBody::Through(data);
+        };
+        let slot = &mut self.slots[index];
+        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            state.contexts.borrow_mut()[index] = None;
+            return OneBody::Through(data);
+        };
+        let result = {
+            let mut held = std::mem::take(&mut state.buffers[dir.index()].borrow_mut()[index]);
+            held.extend_from_slice(&data);
+            let mut stream = state.stream.borrow_mut();
+            match dir {
+                Direction::Request => {
+                    stream.request_body = held;
+                    instance.on_request_body(id, &mut stream, end_of_stream)
+                }
+                Direction::Response => {
+                    stream.response_body = held;
+                    instance.on_response_body(id, &mut stream, end_of_stream)
+                }
+            }
+        };
+        let out = {
+            let mut stream = state.stream.borrow_mut();
+            match dir {
+                Direction::Request => std::mem::take(&mut stream.request_body),
+                Direction::Response => std::mem::take(&mut stream.response_body),
+            }
+        };
+        if result.is_ok() {
+            self.slots[index].supervisor.on_success();
+        }
+        state.resumed[dir.index()].set(None);
+        self.after_call(index);
+        match result {
+            Ok(_) if state.stream.borrow().local_response.is_some() => {
+                let response = state
+                    .stream
+                    .borrow_mut()
+                    .local_response
+                    .take()
+                    .unwrap_or_default();
+                self.count_local_response(index);
+                OneBody::Respond(response)
+            }
+            Ok(Action::Continue) => OneBody::Through(out),
+            Ok(Action::Pause) if state.take_resumed(dir) == Some(index) => OneBody::Through(out),
+            Ok(Action::Pause) => {
+                state.buffers[dir.index()].borrow_mut()[index] = out;
+                OneBody::Held
+            }
+            Err(error) => {
+                state.contexts.borrow_mut()[index] = None;
+                match self.slots[index].fail(error, &self.metrics) {
+                    Some(response) => OneBody::Respond(response),
+                    // FAIL_OPEN: the data goes on without the plugin.
+                    None => OneBody::Through(out),
+                }
+            }
+        }
+    }
+
+    /// Runs trailers (in `state.stream`) through the chain after slot
+    /// `after`. A plugin that was holding body data gives it up here (the
+    /// body has ended): `carry` collects it for the caller to send before
+    /// the trailers; on a pause it stays with the paused slot.
+    pub fn trailers(
+        &mut self,
+        dir: Direction,
+        after: Option<usize>,
+        state: &Rc<StreamState>,
+        carry: &mut Vec<u8>,
+    ) -> Step {
+        let n = self.slots.len();
+        state.contexts.borrow_mut().resize(n, None);
+        state.buffers[dir.index()]
+            .borrow_mut()
+            .resize(n, Vec::new());
+        let from = match after {
+            Some(slot) => {
+                let held = std::mem::take(&mut state.buffers[dir.index()].borrow_mut()[slot]);
+                carry.splice(0..0, held);
+                self.pos_of(dir, slot) + 1
+            }
+            None => 0,
+        };
+        for pos in from..n {
+            let index = self.slot_at(dir, pos);
+            let Some(id) = state.contexts.borrow()[index] else {
+                continue;
+            };
+            // Data let through by earlier plugins reaches this one first.
+            if !carry.is_empty() {
+                match self.call_body(index, dir, state, std::mem::take(carry), false) {
+                    OneBody::Through(out) => *carry = out,
+                    OneBody::Held => {}
+                    OneBody::Respond(response) => return Step::Respond(response),
+                }
+            }
+            let slot = &mut self.slots[index];
+            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+                state.contexts.borrow_mut()[index] = None;
+                continue;
+            };
+            let result = {
+                let mut stream = state.stream.borrow_mut();
+                match dir {
+                    Direction::Request => instance.on_request_trailers(id, &mut stream),
+                    Direction::Response => instance.on_response_trailers(id, &mut stream),
+                }
+            };
+            let held = std::mem::take(&mut state.buffers[dir.index()].borrow_mut()[index]);
+            carry.splice(0..0, held);
+            match self.settle(index, dir, state, result) {
+                None => {}
+                Some(Step::Paused(slot)) => {
+                    state.buffers[dir.index()].borrow_mut()[index] = std::mem::take(carry);
+                    return Step::Paused(slot);
+                }
+                Some(step) => return step,
+            }
+        }
+        Step::Continue
+    }
+
+    fn count_local_response(&self, index: usize) {
+        self.metrics
+            .local_responses
+            .get_or_create(&self.slots[index].labels)
+            .inc();
+    }
+
+    /// Counts a local response a plugin sent from an asynchronous callback.
+    pub fn count_async_local_response(&self, index: usize) {
+        if index < self.slots.len() {
+            self.count_local_response(index);
+        }
     }
 
     /// Ends the stream's contexts (`on_done`, `on_log`, `on_delete`).
-    pub fn finish(&mut self, contexts: StreamContexts, stream: &mut HttpStream, metrics: &Metrics) {
-        for (index, id) in contexts.ids.into_iter().enumerate() {
-            let (Some(id), Some(slot)) = (id, self.slots.get_mut(index)) else {
+    pub fn finish(&mut self, state: &Rc<StreamState>) {
+        let ids = std::mem::take(&mut *state.contexts.borrow_mut());
+        for (index, id) in ids.into_iter().enumerate() {
+            let Some(id) = id else { continue };
+            self.streams.remove(&(index, id));
+            let Some(slot) = self.slots.get_mut(index) else {
                 continue;
             };
             let Some(instance) = slot.supervisor.instance(Instant::now()) else {
                 continue;
             };
-            if let Err(error) = instance.finish_http_context(id, stream) {
+            let result = {
+                let mut stream = state.stream.borrow_mut();
+                instance.finish_http_context(id, &mut stream)
+            };
+            if let Err(error) = result {
                 // The response is already on its way; only the instance pays.
-                let _ = slot.fail(error, metrics);
+                let _ = slot.fail(error, &self.metrics);
+            }
+            self.after_call(index);
+        }
+    }
+
+    /// What follows every call into slot `index`'s instance: start the
+    /// callouts it queued, route its continue/close requests, notice a new
+    /// tick period.
+    fn after_call(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        let callouts = slot.callouts.take();
+        let (requests, period) = match slot.supervisor.instance(Instant::now()) {
+            Some(instance) => (instance.take_stream_requests(), instance.tick_period()),
+            None => (Vec::new(), None),
+        };
+        if period != slot.tick_period {
+            slot.tick_period = period;
+            slot.tick_changed.notify_one();
+        }
+        for request in requests {
+            let Some(state) = self.streams.get(&(index, request.context_id)) else {
+                tracing::debug!(
+                    plugin = %slot.labels.plugin,
+                    context = request.context_id,
+                    "continue/close for a stream that is gone"
+                );
+                continue;
+            };
+            match request.kind {
+                StreamRequestKind::Continue => {
+                    let dir = match request.stream {
+                        StreamType::HttpResponse => Direction::Response,
+                        _ => Direction::Request,
+                    };
+                    state.resumed[dir.index()].set(Some(index));
+                }
+                StreamRequestKind::Close => state.closed.set(true),
+            }
+            state.wake_all();
+        }
+        if callouts.is_empty() {
+            return;
+        }
+        let Some(client) = self.env.cluster_client.clone() else {
+            tracing::warn!(plugin = %slot.labels.plugin, "callouts are not available here");
+            return;
+        };
+        for call in callouts {
+            tokio::task::spawn_local(run_callout(self.this.clone(), index, call, client.clone()));
+        }
+    }
+
+    /// Delivers a callout's answer to slot `index` with the stream of the
+    /// context that made it, if that stream is still alive.
+    fn deliver(&mut self, index: usize, token: u32, origin: u32, deliver: Delivery) {
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        if slot.callouts.take_cancelled(token) {
+            return;
+        }
+        let state = self.streams.get(&(index, origin)).cloned();
+        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            return;
+        };
+        let result = match state.as_ref().map(|s| s.stream.try_borrow_mut()) {
+            Some(Ok(mut stream)) => deliver(instance, Some(&mut stream)),
+            _ => deliver(instance, None),
+        };
+        match result {
+            Ok(()) => {
+                slot.supervisor.on_success();
+                if let Some(state) = &state
+                    && state.stream.borrow().local_response.is_some()
+                {
+                    state.wake_all();
+                }
+            }
+            Err(error) => {
+                let response = slot.fail(error, &self.metrics);
+                if let Some(state) = &state {
+                    *state.failure.borrow_mut() = Some((index, response));
+                    state.wake_all();
+                }
+            }
+        }
+        self.after_call(index);
+    }
+
+    /// Delivers one event of gRPC stream `token`; false once the plugin no
+    /// longer listens (cancelled, closed, or the instance is gone).
+    fn deliver_stream_event(
+        &mut self,
+        index: usize,
+        token: u32,
+        origin: u32,
+        event: StreamEvent,
+    ) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        if !slot.callouts.stream_open(token) {
+            return false;
+        }
+        let open = !matches!(event, StreamEvent::Close(..));
+        if !open {
+            slot.callouts.end_stream(token);
+        }
+        let delivery: Delivery = match event {
+            StreamEvent::InitialMetadata(metadata) => Box::new(move |instance, stream| {
+                instance.on_grpc_receive_initial_metadata(token, metadata, stream)
+            }),
+            StreamEvent::Message(message) => {
+                Box::new(move |instance, stream| instance.on_grpc_receive(token, message, stream))
+            }
+            StreamEvent::TrailingMetadata(metadata) => Box::new(move |instance, stream| {
+                instance.on_grpc_receive_trailing_metadata(token, metadata, stream)
+            }),
+            StreamEvent::Close(code, message) => Box::new(move |instance, stream| {
+                instance.on_grpc_close(token, code, &message, stream)
+            }),
+        };
+        self.deliver(index, token, origin, delivery);
+        open && self.slots[index].callouts.stream_open(token)
+    }
+
+    fn tick(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            return;
+        };
+        if let Err(error) = instance.on_tick() {
+            let _ = slot.fail(error, &self.metrics);
+        }
+        self.after_call(index);
+    }
+
+    fn queue_ready(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            return;
+        };
+        if !instance.has_pending_queue_ready() {
+            return;
+        }
+        if let Err(error) = instance.deliver_queue_ready() {
+            let _ = slot.fail(error, &self.metrics);
+        }
+        self.after_call(index);
+    }
+}
+
+/// How often background loops check that their chain still exists while
+/// they have nothing else to wait for.
+const LIVENESS_CHECK: Duration = Duration::from_secs(1);
+
+/// Calls `on_tick` on slot `index` every tick period the plugin set.
+async fn tick_loop(chain: Weak<RefCell<FilterChain>>, index: usize) {
+    loop {
+        let (period, changed) = {
+            let Some(chain) = chain.upgrade() else { return };
+            let chain = chain.borrow();
+            let slot = &chain.slots[index];
+            (slot.tick_period, slot.tick_changed.clone())
+        };
+        let due = match period {
+            Some(period) => tokio::select! {
+                _ = tokio::time::sleep(period) => true,
+                _ = changed.notified() => false,
+            },
+            None => {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = tokio::time::sleep(LIVENESS_CHECK) => {}
+                }
+                false
+            }
+        };
+        if due {
+            let Some(chain) = chain.upgrade() else { return };
+            if let Ok(mut chain) = chain.try_borrow_mut() {
+                chain.tick(index);
             }
         }
     }
 }
 
-impl Slot {
-    fn labels(&self) -> PluginLabels {
-        PluginLabels {
-            plugin: self.supervisor.plugin().name().to_owned(),
+/// Delivers `on_queue_ready` on this worker when slot `index`'s queues get items.
+async fn queue_loop(chain: Weak<RefCell<FilterChain>>, index: usize) {
+    loop {
+        let ready = {
+            let Some(chain) = chain.upgrade() else { return };
+            let chain = chain.borrow();
+            chain.slots[index].queue_ready.clone()
+        };
+        tokio::select! {
+            _ = ready.notified() => {}
+            _ = tokio::time::sleep(LIVENESS_CHECK) => {}
+        }
+        let Some(chain) = chain.upgrade() else { return };
+        if let Ok(mut chain) = chain.try_borrow_mut() {
+            chain.queue_ready(index);
         }
     }
+}
 
+/// Hands a callout's answer to the instance, with the origin's stream if alive.
+type Delivery = Box<
+    dyn FnOnce(&mut PluginInstance, Option<&mut HttpStream>) -> Result<(), wisp_wasm_host::Error>,
+>;
+
+/// Runs one callout and delivers its answer.
+async fn run_callout(
+    chain: Weak<RefCell<FilterChain>>,
+    index: usize,
+    call: Callout,
+    client: Rc<ClusterClients>,
+) {
+    let deliver = |token, origin, f: Delivery| {
+        let Some(chain) = chain.upgrade() else { return };
+        match chain.try_borrow_mut() {
+            Ok(mut chain) => chain.deliver(index, token, origin, f),
+            Err(_) => tracing::warn!(token, "callout answer dropped: the chain is busy"),
+        };
+    };
+    match call {
+        Callout::Http(request, cluster) => {
+            let (token, origin) = (request.token, request.context_id);
+            let span = tracing::debug_span!("http_call", cluster = %request.upstream, token);
+            let response = tracing::Instrument::instrument(
+                callout::send_http(&client.calls, &cluster, request),
+                span,
+            )
+            .await;
+            deliver(
+                token,
+                origin,
+                Box::new(move |instance, stream| {
+                    instance.on_http_call_response(token, response, stream)
+                }),
+            );
+        }
+        Callout::Grpc(request, cluster) => {
+            let (token, origin) = (request.token, request.context_id);
+            let outcome = callout::send_grpc(&client.calls, &cluster, request).await;
+            deliver(
+                token,
+                origin,
+                Box::new(move |instance, stream| match outcome {
+                    GrpcOutcome::Message(message) => {
+                        instance.on_grpc_receive(token, message, stream)
+                    }
+                    GrpcOutcome::Closed(code, message) => {
+                        instance.on_grpc_close(token, code, &message, stream)
+                    }
+                }),
+            );
+        }
+        Callout::GrpcStream(request, cluster, sends) => {
+            let (token, origin) = (request.token, request.context_id);
+            callout::run_grpc_stream(&client.streams, &cluster, request, sends, |event| {
+                let Some(chain) = chain.upgrade() else {
+                    return false;
+                };
+                match chain.try_borrow_mut() {
+                    Ok(mut chain) => chain.deliver_stream_event(index, token, origin, event),
+                    Err(_) => {
+                        tracing::warn!(token, "gRPC stream event dropped: the chain is busy");
+                        true
+                    }
+                }
+            })
+            .await;
+        }
+    }
+}
+
+impl Slot {
     /// Applies the failure policy after a failed call; returns the response
     /// to send, or `None` when the request continues without the plugin.
     fn fail(&mut self, error: wisp_wasm_host::Error, metrics: &Metrics) -> Option<LocalResponse> {
-        metrics.plugin_failures.get_or_create(&self.labels()).inc();
+        metrics.plugin_failures.get_or_create(&self.labels).inc();
         let action = self.supervisor.on_failure(&error, Instant::now());
         self.respond(action)
     }
@@ -201,10 +892,7 @@ impl Slot {
     /// The policy for a request that finds no instance (failed, waiting for
     /// its reload backoff, or stopped as crash-looping).
     fn unavailable(&mut self, metrics: &Metrics) -> Option<LocalResponse> {
-        metrics
-            .plugin_unavailable
-            .get_or_create(&self.labels())
-            .inc();
+        metrics.plugin_unavailable.get_or_create(&self.labels).inc();
         self.respond(self.supervisor.failure_action())
     }
 

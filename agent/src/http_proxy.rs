@@ -15,19 +15,23 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::watch;
 use tracing::Instrument;
 use wisp_wasm_host::{HeaderMap, HttpStream, LocalResponse};
 
 use crate::access_log::{AccessLog, Entry};
-use crate::filter_chain::{FilterChain, RequestVerdict, StreamContexts};
+use crate::body::{BodySender, ChannelBody};
+use crate::filter_chain::{
+    BodyStep, Direction, FilterChain, Resume, SharedChain, Step, StreamState,
+};
 use crate::metrics::{Metrics, PluginLabels, RequestLabels};
 use crate::tls::TlsInfo;
 use crate::upstream::{LocalExec, UpstreamError, Upstreams};
 
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,8 +67,10 @@ pub struct ConnectionInfo {
 pub struct HttpWorker {
     /// The filter chain new requests use. A config reload swaps in a new one;
     /// requests already running keep the chain they started with.
-    chain: RefCell<Rc<RefCell<FilterChain>>>,
+    chain: RefCell<SharedChain>,
     pub metrics: Arc<Metrics>,
+    /// Most body bytes the plugins of one stream may hold back.
+    buffer_limit: usize,
     /// Per listener, in the worker's listener order.
     upstreams: Vec<Upstreams>,
     access_log: Option<AccessLog>,
@@ -72,27 +78,31 @@ pub struct HttpWorker {
 
 impl HttpWorker {
     pub fn new(
-        chain: FilterChain,
+        chain: SharedChain,
         metrics: Arc<Metrics>,
         upstreams: Vec<Upstreams>,
         access_log: Option<AccessLog>,
+        buffer_limit: usize,
     ) -> HttpWorker {
+        FilterChain::start_background(&chain);
         HttpWorker {
-            chain: RefCell::new(Rc::new(RefCell::new(chain))),
+            chain: RefCell::new(chain),
             metrics,
+            buffer_limit,
             upstreams,
             access_log,
         }
     }
 
     /// The chain a request starting now runs through.
-    pub fn current_chain(&self) -> Rc<RefCell<FilterChain>> {
+    pub fn current_chain(&self) -> SharedChain {
         self.chain.borrow().clone()
     }
 
-    /// Makes `chain` the one new requests use.
-    pub fn replace_chain(&self, chain: FilterChain) {
-        *self.chain.borrow_mut() = Rc::new(RefCell::new(chain));
+    /// Makes `chain` the one new requests use and starts its timers.
+    pub fn replace_chain(&self, chain: SharedChain) {
+        FilterChain::start_background(&chain);
+        *self.chain.borrow_mut() = chain;
     }
 }
 
@@ -151,7 +161,7 @@ async fn handle(
     worker: Rc<HttpWorker>,
     conn: Rc<ConnectionInfo>,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<ProxyBody>, StreamReset> {
     let started = Instant::now();
     let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path());
     // What the access log needs, before the request is consumed.
@@ -176,7 +186,13 @@ async fn handle(
             std::time::SystemTime::now(),
         )
     });
-    let response = proxy_request(&worker, &conn, req).instrument(span).await;
+    let response = match proxy_request(&worker, &conn, req).instrument(span).await {
+        Ok(response) => response,
+        Err(reset) => {
+            tracing::debug!(%reset, "resetting the stream");
+            return Err(reset);
+        }
+    };
     if let (Some(log), Some((method, authority, path, version, start))) =
         (&worker.access_log, logged)
     {
@@ -218,65 +234,714 @@ async fn handle(
     Ok(response)
 }
 
+/// The service ended the stream without a response: `proxy_close_stream`,
+/// or a body that broke after its headers went out. hyper resets the
+/// HTTP/2 stream or closes the HTTP/1 connection.
+#[derive(Debug, thiserror::Error)]
+#[error("stream reset: {0}")]
+pub struct StreamReset(String);
+
+/// Why a phase of the exchange stopped before its end.
+enum Stop {
+    Respond(LocalResponse),
+    Reset(String),
+    /// The plugins held more than the buffer limit.
+    Overflow,
+    /// The peer's body broke (reset, malformed chunking).
+    Source(String),
+}
+
+/// What the chain let through of a body, up to a point.
+enum Piece {
+    /// Data; `true` if the body is complete after it.
+    Data(Vec<u8>, bool),
+    /// The last data and the trailers (the body is complete).
+    Trailers(Vec<u8>, http::HeaderMap),
+}
+
+impl Piece {
+    fn complete(&self) -> bool {
+        match self {
+            Piece::Data(_, end) => *end,
+            Piece::Trailers(..) => true,
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        match self {
+            Piece::Data(data, _) | Piece::Trailers(data, _) => data.len(),
+        }
+    }
+
+    fn into_frames(self) -> Vec<Frame<Bytes>> {
+        match self {
+            Piece::Data(data, _) => vec![Frame::data(Bytes::from(data))],
+            Piece::Trailers(data, trailers) => {
+                vec![Frame::data(Bytes::from(data)), Frame::trailers(trailers)]
+            }
+        }
+        .into_iter()
+        .filter(|f| f.data_ref().is_none_or(|d| !d.is_empty()))
+        .collect()
+    }
+}
+
+/// A body the chain reads from: the peer's, or a local reply's.
+enum SourceBody {
+    Peer(Incoming),
+    Local(Option<Bytes>),
+}
+
+type SourceFrame = Option<Result<Frame<Bytes>, String>>;
+
+/// A body plus one frame read ahead.
+struct Source {
+    body: SourceBody,
+    peeked: Option<SourceFrame>,
+}
+
+impl Source {
+    fn peer(body: Incoming) -> Source {
+        Source {
+            body: SourceBody::Peer(body),
+            peeked: None,
+        }
+    }
+
+    fn local(data: Option<Bytes>) -> Source {
+        Source {
+            body: SourceBody::Local(data),
+            peeked: None,
+        }
+    }
+
+    async fn frame(&mut self) -> SourceFrame {
+        if let Some(frame) = self.peeked.take() {
+            return frame;
+        }
+        self.read().await
+    }
+
+    async fn read(&mut self) -> SourceFrame {
+        match &mut self.body {
+            SourceBody::Peer(body) => body
+                .frame()
+                .await
+                .map(|r| r.map_err(|e| crate::upstream::error_chain(&e))),
+            SourceBody::Local(data) => data.take().map(|d| Ok(Frame::data(d))),
+        }
+    }
+
+    /// Whether the next frame, if it is already here, is the trailers (so
+    /// the data before them is the last).
+    async fn trailers_next(&mut self) -> bool {
+        if self.peeked.is_none()
+            && let Ok(frame) = tokio::time::timeout(Duration::ZERO, self.read()).await
+        {
+            self.peeked = Some(frame);
+        }
+        matches!(&self.peeked, Some(Some(Ok(frame))) if frame.is_trailers())
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if self.peeked.is_some() {
+            return matches!(self.peeked, Some(None));
+        }
+        match &self.body {
+            SourceBody::Peer(body) => body.is_end_stream(),
+            SourceBody::Local(data) => data.is_none(),
+        }
+    }
+
+    /// The peer's body, taken out (nothing read ahead yet).
+    fn take_peer(&mut self) -> Option<Incoming> {
+        if self.peeked.is_some() {
+            return None;
+        }
+        match std::mem::replace(&mut self.body, SourceBody::Local(None)) {
+            SourceBody::Peer(body) => Some(body),
+            local => {
+                self.body = local;
+                None
+            }
+        }
+    }
+
+    /// The peer's body, if it may still have frames to read.
+    fn into_unfinished(self) -> Option<Incoming> {
+        match self.body {
+            SourceBody::Peer(body) if !body.is_end_stream() => Some(body),
+            _ => None,
+        }
+    }
+}
+
+/// One request and its response through the chain. Shared by the request
+/// task and the body pumps; the last one to let go ends the plugins'
+/// contexts (`on_done`, `on_log`, `on_delete`).
+struct Exchange {
+    chain: SharedChain,
+    state: Rc<StreamState>,
+    limit: usize,
+    /// Why the request body pump stopped early, for the response side.
+    request_failure: RefCell<Option<LocalResponse>>,
+    request_pump: RefCell<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        match self.chain.try_borrow_mut() {
+            Ok(mut chain) => chain.finish(&self.state),
+            Err(_) => tracing::warn!("stream ended while its chain was busy; contexts leak"),
+        }
+    }
+}
+
+impl Exchange {
+    /// Waits until the plugin that paused `dir` at `slot` lets it go on.
+    async fn wait(&self, dir: Direction, slot: usize) -> Result<(), Stop> {
+        loop {
+            if let Some(resume) = self.state.poll_resume(dir, slot) {
+                return match resume {
+                    Resume::Continue => Ok(()),
+                    Resume::Respond(local) => {
+                        self.chain.borrow().count_async_local_response(slot);
+                        Err(Stop::Respond(local))
+                    }
+                    Resume::Reset => Err(Stop::Reset("a plugin closed the stream".into())),
+                };
+            }
+            self.state.changed(dir).await;
+        }
+    }
+
+    /// Runs the request or response headers through the chain, waiting out pauses.
+    async fn headers(&self, dir: Direction, end_of_stream: bool) -> Result<(), Stop> {
+        let mut after = None;
+        loop {
+            let step = self
+                .chain
+                .borrow_mut()
+                .headers(dir, after, &self.state, end_of_stream);
+            match step {
+                Step::Continue => return Ok(()),
+                Step::Respond(local) => return Err(Stop::Respond(local)),
+                Step::Paused(slot) => {
+                    self.wait(dir, slot).await?;
+                    after = Some(slot);
+                }
+            }
+        }
+    }
+
+    /// Reads `source` through the chain until the plugins let something
+    /// through or the body ends. `consumed` counts the bytes read.
+    async fn next_piece(
+        &self,
+        dir: Direction,
+        source: &mut Source,
+        ended: &mut bool,
+        consumed: &mut usize,
+    ) -> Result<Piece, Stop> {
+        loop {
+            let frame = if *ended {
+                Some(None)
+            } else {
+                tokio::select! {
+                    biased;
+                    frame = source.frame() => Some(frame),
+                    _ = self.state.changed(dir) => None,
+                }
+            };
+            let mut step = match frame {
+                // Woken: a plugin holding data may have resumed or answered.
+                None => {
+                    if let Some(local) = self.state.stream.borrow_mut().local_response.take() {
+                        return Err(Stop::Respond(local));
+                    }
+                    let Some(slot) = self.state.take_resumed(dir) else {
+                        continue;
+                    };
+                    self.chain.borrow_mut().body(
+                        dir,
+                        Some(slot),
+                        &self.state,
+                        Vec::new(),
+                        false,
+                        self.limit,
+                    )
+                }
+                Some(None) => {
+                    if *ended && self.state.buffered_bytes() == 0 {
+                        return Ok(Piece::Data(Vec::new(), true));
+                    }
+                    *ended = true;
+                    self.chain.borrow_mut().body(
+                        dir,
+                        None,
+                        &self.state,
+                        Vec::new(),
+                        true,
+                        self.limit,
+                    )
+                }
+                Some(Some(Err(error))) => return Err(Stop::Source(error)),
+                Some(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        *consumed += data.len();
+                        let end = source.is_end_stream();
+                        *ended = end;
+                        // Data and trailers that arrive together make one
+                        // piece, so the trailers can be declared (HTTP/1.1).
+                        let last = !end && source.trailers_next().await;
+                        let step = self.chain.borrow_mut().body(
+                            dir,
+                            None,
+                            &self.state,
+                            data.to_vec(),
+                            end,
+                            self.limit,
+                        );
+                        if last {
+                            let forwarded = match step {
+                                BodyStep::Forward(data) => data,
+                                BodyStep::Buffered | BodyStep::Paused(_) => Vec::new(),
+                                BodyStep::Respond(local) => return Err(Stop::Respond(local)),
+                                BodyStep::Overflow => return Err(Stop::Overflow),
+                            };
+                            let trailers = match source.frame().await {
+                                Some(Ok(frame)) => frame.into_trailers().unwrap_or_default(),
+                                _ => http::HeaderMap::new(),
+                            };
+                            *ended = true;
+                            return match self.trailers(dir, trailers).await? {
+                                Piece::Trailers(mut carry, trailers) => {
+                                    carry.splice(0..0, forwarded);
+                                    Ok(Piece::Trailers(carry, trailers))
+                                }
+                                piece => Ok(piece),
+                            };
+                        }
+                        step
+                    }
+                    Err(frame) => {
+                        *ended = true;
+                        let trailers = frame.into_trailers().unwrap_or_default();
+                        return self.trailers(dir, trailers).await;
+                    }
+                },
+            };
+            loop {
+                match step {
+                    BodyStep::Forward(data) => {
+                        if *ended {
+                            return Ok(Piece::Data(data, true));
+                        }
+                        if !data.is_empty() {
+                            return Ok(Piece::Data(data, false));
+                        }
+                        break;
+                    }
+                    BodyStep::Buffered => break,
+                    BodyStep::Paused(slot) => {
+                        self.wait(dir, slot).await?;
+                        step = self.chain.borrow_mut().body(
+                            dir,
+                            Some(slot),
+                            &self.state,
+                            Vec::new(),
+                            true,
+                            self.limit,
+                        );
+                    }
+                    BodyStep::Respond(local) => return Err(Stop::Respond(local)),
+                    BodyStep::Overflow => return Err(Stop::Overflow),
+                }
+            }
+        }
+    }
+
+    /// Trailers through the chain; what plugins held of the body comes first.
+    async fn trailers(&self, dir: Direction, trailers: http::HeaderMap) -> Result<Piece, Stop> {
+        {
+            let mut stream = self.state.stream.borrow_mut();
+            let map = to_wasm_map(&trailers);
+            match dir {
+                Direction::Request => stream.request_trailers = map,
+                Direction::Response => stream.response_trailers = map,
+            }
+        }
+        let mut carry = Vec::new();
+        let mut after = None;
+        loop {
+            let step = self
+                .chain
+                .borrow_mut()
+                .trailers(dir, after, &self.state, &mut carry);
+            match step {
+                Step::Continue => break,
+                Step::Respond(local) => return Err(Stop::Respond(local)),
+                Step::Paused(slot) => {
+                    self.wait(dir, slot).await?;
+                    after = Some(slot);
+                }
+            }
+        }
+        let mut stream = self.state.stream.borrow_mut();
+        let map = match dir {
+            Direction::Request => std::mem::take(&mut stream.request_trailers),
+            Direction::Response => std::mem::take(&mut stream.response_trailers),
+        };
+        Ok(Piece::Trailers(carry, to_http_map(&map)))
+    }
+
+    /// Sends the rest of `source` through the chain into `sender`.
+    async fn pump(
+        self: Rc<Self>,
+        dir: Direction,
+        mut source: Source,
+        mut ended: bool,
+        sender: BodySender,
+    ) {
+        let mut consumed = 0;
+        loop {
+            let piece = self
+                .next_piece(dir, &mut source, &mut ended, &mut consumed)
+                .await;
+            match piece {
+                Ok(piece) => {
+                    let complete = piece.complete();
+                    for frame in piece.into_frames() {
+                        let sent = match frame.into_data() {
+                            Ok(data) => sender.data(data).await,
+                            Err(frame) => match frame.into_trailers() {
+                                Ok(trailers) => sender.trailers(trailers).await,
+                                Err(_) => true,
+                            },
+                        };
+                        if !sent {
+                            return;
+                        }
+                    }
+                    if complete {
+                        return;
+                    }
+                }
+                Err(stop) => {
+                    let reason = match stop {
+                        Stop::Respond(local) => {
+                            let reason = format!("a plugin answered {} mid-body", local.status);
+                            if dir == Direction::Request {
+                                *self.request_failure.borrow_mut() = Some(local);
+                            }
+                            reason
+                        }
+                        Stop::Overflow => {
+                            if dir == Direction::Request {
+                                *self.request_failure.borrow_mut() = Some(payload_too_large());
+                            }
+                            "the plugins' body buffer limit was exceeded".to_owned()
+                        }
+                        Stop::Reset(reason) | Stop::Source(reason) => reason,
+                    };
+                    tracing::info!(?dir, %reason, "body stopped after its headers went out");
+                    sender.abort(reason).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads `source` up to the first piece the chain lets through and
+    /// returns the frames to send right away, whether more follow, and the
+    /// content-length fix for the headers.
+    async fn first_piece(
+        &self,
+        dir: Direction,
+        source: &mut Source,
+        ended: &mut bool,
+    ) -> Result<(Vec<Frame<Bytes>>, bool, LengthFix), Stop> {
+        let mut consumed = 0;
+        let piece = self.next_piece(dir, source, ended, &mut consumed).await?;
+        let complete = piece.complete();
+        let forwarded = piece.data_len();
+        let fix = if complete {
+            let trailer_names = match &piece {
+                Piece::Trailers(_, trailers) => Some(
+                    trailers
+                        .keys()
+                        .map(|name| name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+                Piece::Data(..) => None,
+            };
+            LengthFix::Set(forwarded, trailer_names)
+        } else if forwarded != consumed {
+            LengthFix::Remove
+        } else {
+            LengthFix::Keep
+        };
+        Ok((piece.into_frames(), !complete, fix))
+    }
+}
+
+/// What the headers' content-length must become once the chain had its say
+/// on the first part of the body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum LengthFix {
+    /// Pass-through so far: keep what the plugins left.
+    Keep,
+    /// The plugins changed the data of a body that still streams: the
+    /// length is unknown (chunked in HTTP/1.1).
+    Remove,
+    /// The whole body is known: its length, and the names of the trailers
+    /// that follow, if any (HTTP/1.1 carries them only chunked and declared
+    /// in a `trailer` header).
+    Set(usize, Option<String>),
+}
+
+impl LengthFix {
+    fn apply(self, headers: &mut HeaderMap, version: Version) {
+        match self {
+            LengthFix::Keep => {}
+            LengthFix::Remove => headers.remove("content-length"),
+            LengthFix::Set(_, Some(names)) if version != Version::HTTP_2 => {
+                headers.remove("content-length");
+                if !names.is_empty() {
+                    headers.replace("trailer", names.as_bytes());
+                }
+            }
+            LengthFix::Set(length, _) => {
+                if headers.contains("content-length") {
+                    headers.replace("content-length", length.to_string().as_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Envoy's answer when the plugins buffered more of a request than allowed.
+fn payload_too_large() -> LocalResponse {
+    local_reply(413, "request_payload_too_large", "Payload Too Large")
+}
+
 async fn proxy_request(
     worker: &HttpWorker,
     conn: &ConnectionInfo,
     req: Request<Incoming>,
-) -> Response<ProxyBody> {
+) -> Result<Response<ProxyBody>, StreamReset> {
     let (parts, body) = req.into_parts();
     let version = parts.version;
-    let mut stream = HttpStream {
-        request_headers: request_header_map(&parts, conn.tls.is_some()),
-        properties: properties(conn, version),
-        ..Default::default()
-    };
-    let mut contexts = StreamContexts::default();
-    let chain = worker.current_chain();
-    let verdict = chain.borrow_mut().on_request_headers(
-        &mut contexts,
-        &mut stream,
-        body.is_end_stream(),
-        &worker.metrics,
-    );
+    let ex = Rc::new(Exchange {
+        chain: worker.current_chain(),
+        state: StreamState::new(HttpStream {
+            request_headers: request_header_map(&parts, conn.tls.is_some()),
+            properties: properties(conn, version),
+            ..Default::default()
+        }),
+        limit: worker.buffer_limit,
+        request_failure: RefCell::new(None),
+        request_pump: RefCell::new(None),
+    });
+    let mut request_source = Source::peer(body);
+    let mut ended = request_source.is_end_stream();
 
-    let upstream_response = match verdict {
-        RequestVerdict::Respond(local) => Err(local),
-        RequestVerdict::Forward => {
-            match upstream_request(&stream.request_headers, conn.destination, version, body) {
-                Ok(request) => forward(worker, conn, request).await,
-                Err(message) => {
-                    tracing::warn!(%message, "filter chain produced an invalid request");
-                    Err(local_reply(500, "invalid_request_after_filters", &message))
-                }
-            }
+    let upstream_response = match request_phase(&ex, &mut request_source, &mut ended, version).await
+    {
+        Err(Stop::Reset(reason)) => return Err(StreamReset(reason)),
+        Err(Stop::Respond(local)) => Err(local),
+        Err(Stop::Overflow) => Err(payload_too_large()),
+        Err(Stop::Source(reason)) => {
+            tracing::info!(%reason, "the client's request body broke");
+            return Err(StreamReset(reason));
         }
+        Ok((headers, body)) => match upstream_request(&headers, conn.destination, version, body) {
+            Ok(request) => match forward(worker, conn, request).await {
+                // A request body the chain stopped midway explains the failure.
+                Err(_) if ex.request_failure.borrow().is_some() => {
+                    Err(ex.request_failure.borrow_mut().take().unwrap_or_default())
+                }
+                other => other,
+            },
+            Err(message) => {
+                tracing::warn!(%message, "filter chain produced an invalid request");
+                Err(local_reply(500, "invalid_request_after_filters", &message))
+            }
+        },
     };
 
-    let (status, headers, body) = match upstream_response {
+    let (status, headers, source) = match upstream_response {
         Ok(response) => {
             let (parts, body) = response.into_parts();
-            (parts.status, parts.headers, body.boxed_unsync())
+            (parts.status, parts.headers, Source::peer(body))
         }
-        Err(local) => local_response_parts(local),
-    };
-    stream.response_headers = response_header_map(status, &headers);
-    let replaced = chain.borrow_mut().on_response_headers(
-        &mut contexts,
-        &mut stream,
-        body.is_end_stream(),
-        &worker.metrics,
-    );
-    let response = match replaced {
-        Some(local) => {
+        Err(local) => {
             let (status, headers, body) = local_response_parts(local);
-            build_response(status, &response_header_map(status, &headers), body)
+            (
+                status,
+                headers,
+                Source::local((!body.is_empty()).then_some(body)),
+            )
         }
-        None => build_response(status, &stream.response_headers, body),
     };
-    chain
-        .borrow_mut()
-        .finish(contexts, &mut stream, &worker.metrics);
+    let response = response_phase(&ex, status, &headers, source, version).await;
+    let complete = response
+        .as_ref()
+        .map_or(true, |response| response.body().is_end_stream());
+    if ex.request_pump.borrow().is_some() && complete {
+        // The answer is complete: nothing will read the rest of the request.
+        abort_request_pump(&ex);
+    }
+    if let (false, Some(body)) = (ended, request_source.into_unfinished()) {
+        // Answered before the request body ended (a local reply, 413): read
+        // and drop the rest, so an HTTP/2 client still uploading gets the
+        // answer instead of a reset.
+        tokio::task::spawn_local(drain(body));
+    }
     response
+}
+
+/// Reads and discards what is left of a request body, within limits.
+async fn drain(mut body: Incoming) {
+    const MAX_DRAIN_BYTES: usize = 16 * 1024 * 1024;
+    const MAX_DRAIN_TIME: Duration = Duration::from_secs(30);
+    let _ = tokio::time::timeout(MAX_DRAIN_TIME, async {
+        let mut drained = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            drained += frame.data_ref().map_or(0, Bytes::len);
+            if drained > MAX_DRAIN_BYTES {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+fn abort_request_pump(ex: &Exchange) {
+    if let Some(pump) = ex.request_pump.borrow_mut().take() {
+        pump.abort();
+    }
+}
+
+/// Request headers, then the request body up to what the chain first lets
+/// through; the rest streams from a task. Returns the upstream request's
+/// headers and body.
+async fn request_phase(
+    ex: &Rc<Exchange>,
+    source: &mut Source,
+    ended: &mut bool,
+    version: Version,
+) -> Result<(HeaderMap, ChannelBody), Stop> {
+    ex.headers(Direction::Request, *ended).await?;
+    if *ended {
+        let headers = ex.state.stream.borrow().request_headers.clone();
+        return Ok((headers, ChannelBody::empty()));
+    }
+    if ex.chain.borrow().is_empty()
+        && let Some(body) = source.take_peer()
+    {
+        // No plugin sees the body: it streams through untouched.
+        *ended = true;
+        let headers = ex.state.stream.borrow().request_headers.clone();
+        return Ok((headers, ChannelBody::direct(body)));
+    }
+    let (frames, more, fix) = ex.first_piece(Direction::Request, source, ended).await?;
+    let mut headers = ex.state.stream.borrow().request_headers.clone();
+    fix.apply(&mut headers, version);
+    let (sender, body) = ChannelBody::new(frames, more);
+    if let Some(sender) = sender {
+        let source = std::mem::replace(source, Source::local(None));
+        let pump =
+            tokio::task::spawn_local(ex.clone().pump(Direction::Request, source, *ended, sender));
+        *ex.request_pump.borrow_mut() = Some(pump);
+    }
+    Ok((headers, body))
+}
+
+/// Response headers and body through the chain (in reverse order), for an
+/// upstream answer or a local reply alike.
+async fn response_phase(
+    ex: &Rc<Exchange>,
+    status: StatusCode,
+    headers: &http::HeaderMap,
+    mut source: Source,
+    version: Version,
+) -> Result<Response<ProxyBody>, StreamReset> {
+    ex.state.stream.borrow_mut().response_headers = response_header_map(status, headers);
+    let mut ended = source.is_end_stream();
+    let replaced = |local: LocalResponse| {
+        let (status, headers, body) = local_response_parts(local);
+        Ok(build_response(
+            status,
+            &response_header_map(status, &headers),
+            full_body(body),
+        ))
+    };
+    match ex.headers(Direction::Response, ended).await {
+        Ok(()) => {}
+        Err(Stop::Respond(local)) => return replaced(local),
+        Err(Stop::Reset(reason) | Stop::Source(reason)) => return Err(StreamReset(reason)),
+        Err(Stop::Overflow) => return replaced(response_too_large()),
+    }
+    if ended {
+        let headers = ex.state.stream.borrow().response_headers.clone();
+        return Ok(build_response(status, &headers, full_body(Bytes::new())));
+    }
+    if ex.chain.borrow().is_empty()
+        && let Some(body) = source.take_peer()
+    {
+        let headers = ex.state.stream.borrow().response_headers.clone();
+        let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
+        return Ok(build_response(status, &headers, body));
+    }
+    let (frames, more, fix) = match ex
+        .first_piece(Direction::Response, &mut source, &mut ended)
+        .await
+    {
+        Ok(first) => first,
+        Err(Stop::Respond(local)) => return replaced(local),
+        Err(Stop::Overflow) => return replaced(response_too_large()),
+        Err(Stop::Reset(reason)) => return Err(StreamReset(reason)),
+        Err(Stop::Source(reason)) => {
+            tracing::warn!(%reason, "upstream reset the response body");
+            return replaced(local_reply(
+                503,
+                "upstream_reset_after_response_started",
+                &format!(
+                    "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                ),
+            ));
+        }
+    };
+    let mut headers = ex.state.stream.borrow().response_headers.clone();
+    fix.apply(&mut headers, version);
+    let (sender, body) = ChannelBody::new(frames, more);
+    if let Some(sender) = sender {
+        let ex = ex.clone();
+        tokio::task::spawn_local(async move {
+            ex.clone()
+                .pump(Direction::Response, source, ended, sender)
+                .await;
+            abort_request_pump(&ex);
+        });
+    }
+    Ok(build_response(
+        status,
+        &headers,
+        body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
+    ))
+}
+
+/// Envoy's answer when the plugins buffered more of a response than allowed.
+fn response_too_large() -> LocalResponse {
+    local_reply(500, "response_payload_too_large", "Internal Server Error")
+}
+
+fn full_body(data: Bytes) -> ProxyBody {
+    Full::new(data)
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
 }
 
 /// Sends the request to the connection's destination; a failure becomes
@@ -284,7 +949,7 @@ async fn proxy_request(
 async fn forward(
     worker: &HttpWorker,
     conn: &ConnectionInfo,
-    request: Request<Incoming>,
+    request: Request<ChannelBody>,
 ) -> Result<Response<Incoming>, LocalResponse> {
     let destination = conn.destination;
     let upstreams = &worker.upstreams[conn.listener_index];
@@ -308,6 +973,30 @@ async fn forward(
             ),
         )
     })
+}
+
+/// http trailers as the plugins see them.
+fn to_wasm_map(map: &http::HeaderMap) -> HeaderMap {
+    map.iter()
+        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
+        .collect()
+}
+
+/// The plugins' trailers as http trailers; invalid ones are dropped.
+fn to_http_map(map: &HeaderMap) -> http::HeaderMap {
+    let mut out = http::HeaderMap::new();
+    for (name, value) in map.iter() {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
+            (Ok(name), Ok(value)) => {
+                out.append(name, value);
+            }
+            _ => tracing::warn!(trailer = name, "dropping a trailer that is not valid HTTP"),
+        }
+    }
+    out
 }
 
 /// Properties plugins can read with `proxy_get_property`.
@@ -378,7 +1067,17 @@ fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap {
     .into_iter()
     .collect();
     for (name, value) in &parts.headers {
-        if name != header::HOST && !HOP_BY_HOP.contains(&name.as_str()) {
+        if name == header::TE {
+            // `te: trailers` is end to end in practice (gRPC needs it), as
+            // Envoy keeps it; other TE values describe this hop only.
+            if value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|v| v.trim_ascii() == b"trailers")
+            {
+                map.add("te", b"trailers");
+            }
+        } else if name != header::HOST && !HOP_BY_HOP.contains(&name.as_str()) {
             map.add(name.as_str(), value.as_bytes());
         }
     }
@@ -402,8 +1101,8 @@ fn upstream_request(
     headers: &HeaderMap,
     destination: SocketAddr,
     version: Version,
-    body: Incoming,
-) -> Result<Request<Incoming>, String> {
+    body: ChannelBody,
+) -> Result<Request<ChannelBody>, String> {
     let pseudo = |name: &str| {
         headers
             .get(name)
@@ -471,7 +1170,7 @@ fn build_response(status: StatusCode, headers: &HeaderMap, body: ProxyBody) -> R
     response
 }
 
-fn local_response_parts(local: LocalResponse) -> (StatusCode, http::HeaderMap, ProxyBody) {
+fn local_response_parts(local: LocalResponse) -> (StatusCode, http::HeaderMap, Bytes) {
     let status = StatusCode::from_u16(local.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut headers = http::HeaderMap::new();
     for (name, value) in &local.headers {
@@ -486,10 +1185,7 @@ fn local_response_parts(local: LocalResponse) -> (StatusCode, http::HeaderMap, P
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(local.body.len()));
-    let body = Full::new(Bytes::from(local.body))
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync();
-    (status, headers, body)
+    (status, headers, Bytes::from(local.body))
 }
 
 fn local_reply(status: u16, details: &str, body: &str) -> LocalResponse {

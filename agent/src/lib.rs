@@ -6,21 +6,25 @@
 //! [`app`] (start-up and shutdown), [`ebpf`] (kernel programs, enrollment,
 //! original destinations), [`worker`] (threads and listeners),
 //! [`http_proxy`] (one connection's requests), [`filter_chain`] (the HTTP
-//! filters), [`tcp_proxy`] and [`network_chain`] (TCP pass-through and the
-//! network filters), [`plugins`] (HTTP or network filter, `match:`),
-//! [`metrics`] and [`admin`].
+//! filters), [`body`] (bodies and their buffer limit), [`callout`] (plugins'
+//! calls to clusters), [`tcp_proxy`] and [`network_chain`] (TCP pass-through
+//! and the network filters), [`plugins`] (HTTP or network filter, `match:`),
+//! [`metrics`], [`plugin_metrics`] and [`admin`].
 pub mod access_log;
 pub mod admin;
 pub mod app;
+pub mod body;
+pub mod callout;
 pub mod config;
 pub mod ebpf;
 pub mod filter_chain;
 pub mod http_proxy;
 pub mod listener;
 pub mod metrics;
-pub mod network_chain;
-pub mod plugins;
 pub mod module_fetch;
+pub mod network_chain;
+pub mod plugin_metrics;
+pub mod plugins;
 pub mod pod_resolver;
 pub mod reload;
 pub mod sniff;

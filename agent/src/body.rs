@@ -1,0 +1,226 @@
+//! Bodies on the HTTP request path: the channel body that carries what the
+//! filter chain let through to the upstream or the client, and the limit on
+//! what plugins may hold back (Envoy's per-stream buffer limit).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use hyper::body::{Body, Frame, SizeHint};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// Envoy's default per-connection buffer limit (1 MiB), which also bounds
+/// what a stream's filters may buffer.
+pub const DEFAULT_BUFFER_LIMIT_BYTES: usize = 1024 * 1024;
+
+/// Frames in flight between the task that runs the filter chain and the
+/// connection that writes them; small, so a slow peer pushes back.
+const CHANNEL_FRAMES: usize = 4;
+
+/// `http:` in the config file: settings of the HTTP request path.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Most body bytes the plugins of one stream may buffer (a plugin that
+    /// returns StopIterationAndBuffer): past it a request gets 413 and a
+    /// response 500, as in Envoy. Default 1 MiB.
+    #[serde(default = "HttpSettings::default_buffer_limit")]
+    pub buffer_limit_bytes: usize,
+}
+
+impl HttpSettings {
+    fn default_buffer_limit() -> usize {
+        DEFAULT_BUFFER_LIMIT_BYTES
+    }
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            buffer_limit_bytes: DEFAULT_BUFFER_LIMIT_BYTES,
+        }
+    }
+}
+
+/// Why a body stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The filter chain ended the stream (a local reply, a failed plugin, a
+    /// buffer overflow) after the headers had gone out: the peer must not
+    /// take the truncated body for a whole one.
+    #[error("stream aborted: {0}")]
+    Aborted(String),
+}
+
+/// The sending half of a [`ChannelBody`].
+pub struct BodySender(mpsc::Sender<Result<Frame<Bytes>, BodyError>>);
+
+impl BodySender {
+    /// Sends a data frame; false if the receiver is gone (the peer left).
+    pub async fn data(&self, data: Bytes) -> bool {
+        if data.is_empty() {
+            return true;
+        }
+        self.0.send(Ok(Frame::data(data))).await.is_ok()
+    }
+
+    pub async fn trailers(&self, trailers: HeaderMap) -> bool {
+        self.0.send(Ok(Frame::trailers(trailers))).await.is_ok()
+    }
+
+    /// Ends the body with an error, so the peer sees a reset, not an end.
+    pub async fn abort(&self, reason: String) {
+        let _ = self.0.send(Err(BodyError::Aborted(reason))).await;
+    }
+}
+
+/// A body whose first frames are known and whose rest, if any, another
+/// task produces. `Send`, so hyper-util's pooling client can carry it;
+/// dropping every sender ends it.
+pub struct ChannelBody {
+    /// The peer's body itself, when no plugin can see it (an empty chain).
+    direct: Option<hyper::body::Incoming>,
+    ready: VecDeque<Frame<Bytes>>,
+    frames: Option<mpsc::Receiver<Result<Frame<Bytes>, BodyError>>>,
+    /// Exact length when the whole body is known up front.
+    length: Option<u64>,
+}
+
+impl ChannelBody {
+    /// A body of `ready` frames, then whatever comes through the returned
+    /// sender (if `more`).
+    pub fn new(ready: Vec<Frame<Bytes>>, more: bool) -> (Option<BodySender>, ChannelBody) {
+        // A known length lets hyper frame with content-length, which
+        // cannot carry trailers: those need chunked (HTTP/1.1).
+        let trailers = ready.iter().any(Frame::is_trailers);
+        let length = (!more && !trailers).then(|| {
+            ready
+                .iter()
+                .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                .sum()
+        });
+        let (sender, frames) = if more {
+            let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
+            (Some(BodySender(tx)), Some(rx))
+        } else {
+            (None, None)
+        };
+        let body = ChannelBody {
+            direct: None,
+            ready: ready.into(),
+            frames,
+            length,
+        };
+        (sender, body)
+    }
+
+    /// The peer's body as it comes, for a chain without plugins.
+    pub fn direct(body: hyper::body::Incoming) -> ChannelBody {
+        ChannelBody {
+            direct: Some(body),
+            ready: VecDeque::new(),
+            frames: None,
+            length: None,
+        }
+    }
+
+    /// An empty body (end of stream right away).
+    pub fn empty() -> ChannelBody {
+        ChannelBody {
+            direct: None,
+            ready: VecDeque::new(),
+            frames: None,
+            length: Some(0),
+        }
+    }
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(direct) = self.direct.as_mut() {
+            return Pin::new(direct)
+                .poll_frame(cx)
+                .map_err(|e| BodyError::Aborted(e.to_string()));
+        }
+        if let Some(frame) = self.ready.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let Some(frames) = self.frames.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match frames.poll_recv(cx) {
+            Poll::Ready(None) => {
+                self.frames = None;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        if let Some(direct) = &self.direct {
+            return direct.is_end_stream();
+        }
+        self.ready.is_empty() && self.frames.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if let Some(direct) = &self.direct {
+            return direct.size_hint();
+        }
+        match self.length {
+            Some(length) => SizeHint::with_exact(length),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// A body known in full: data, then optional trailers (callouts).
+pub struct WholeBody {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
+    length: u64,
+}
+
+impl WholeBody {
+    pub fn new(data: Bytes, trailers: Option<HeaderMap>) -> WholeBody {
+        let length = data.len() as u64;
+        WholeBody {
+            data: (!data.is_empty()).then_some(data),
+            trailers,
+            length,
+        }
+    }
+}
+
+impl Body for WholeBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none() && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.length)
+    }
+}
