@@ -65,10 +65,31 @@ pub fn plugin_sources(config: &Config) -> Vec<PluginSource> {
                 configuration: spec.configuration.clone().into_bytes(),
                 vm_configuration: spec.vm_configuration.clone().into_bytes(),
                 failure_policy: spec.failure_policy,
+                isolation: spec.isolation,
+                limits: plugin_limits(&spec.limits),
+                allowed_capabilities: spec
+                    .allowed_capabilities
+                    .as_ref()
+                    .map(|names| names.iter().cloned().collect()),
                 ..Default::default()
             },
         })
         .collect()
+}
+
+/// The host's limits with what `plugins[].limits` sets.
+fn plugin_limits(limits: &crate::config::PluginLimits) -> wisp_wasm_host::ResourceLimits {
+    let mut out = wisp_wasm_host::ResourceLimits::default();
+    if let Some(mib) = limits.memory_mib {
+        out.max_memory_bytes = (mib as usize) << 20;
+    }
+    if let Some(ms) = limits.callback_deadline_ms {
+        out.callback_deadline = Duration::from_millis(ms);
+    }
+    if limits.fuel.is_some() {
+        out.fuel = limits.fuel;
+    }
+    out
 }
 
 /// What one agent process serves.

@@ -75,6 +75,61 @@ pub struct Config {
     /// Append one JSON line per HTTP request to this file.
     #[serde(default)]
     pub access_log: Option<PathBuf>,
+    /// Kubernetes mode (`wisp run --kubernetes`): where this node's pods
+    /// live. Ignored in file mode.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// The `kubernetes:` section (see docs/kubernetes.md).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// This node's name; `--node-name` and `WISP_NODE_NAME` take precedence.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The host's `/proc` as mounted in the agent's container.
+    #[serde(default = "KubernetesConfig::default_proc_root")]
+    pub proc_root: PathBuf,
+    /// The host's cgroup v2 root (kubelet's pod cgroups). Default: the
+    /// cgroup2 mount found in `/proc/self/mounts`.
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Fetched modules, stored by digest.
+    #[serde(default = "KubernetesConfig::default_module_dir")]
+    pub module_dir: PathBuf,
+    /// `WasmPlugin`s in this namespace may select pods in other namespaces.
+    #[serde(default = "KubernetesConfig::default_root_namespace")]
+    pub root_namespace: String,
+    /// Find each pod's network namespace at `DIR/<pod uid>` instead of
+    /// through kubelet's cgroups (for tests and runtimes that publish them).
+    #[serde(default)]
+    pub netns_dir: Option<PathBuf>,
+}
+
+impl KubernetesConfig {
+    fn default_proc_root() -> PathBuf {
+        PathBuf::from("/proc")
+    }
+    fn default_module_dir() -> PathBuf {
+        PathBuf::from("/run/wisp/modules")
+    }
+    fn default_root_namespace() -> String {
+        "wisp-system".into()
+    }
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            node_name: None,
+            proc_root: KubernetesConfig::default_proc_root(),
+            cgroup_root: None,
+            module_dir: KubernetesConfig::default_module_dir(),
+            root_namespace: KubernetesConfig::default_root_namespace(),
+            netns_dir: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -150,6 +205,50 @@ pub struct PluginSpec {
     /// `FAIL_RELOAD` (503, and the instance is re-created with backoff).
     #[serde(default)]
     pub failure_policy: FailurePolicy,
+    /// Which requests the plugin runs for; empty lists match everything.
+    #[serde(default, rename = "match")]
+    pub match_: PluginMatch,
+    /// How instances are shared: `per_worker` (default), `per_plugin`,
+    /// `per_use` or `per_request`.
+    #[serde(default)]
+    pub isolation: wisp_wasm_host::IsolationMode,
+    /// Per-instance limits; unset fields keep the host's defaults.
+    #[serde(default)]
+    pub limits: PluginLimits,
+    /// When set, only these `env` and WASI function names work.
+    #[serde(default)]
+    pub allowed_capabilities: Option<Vec<String>>,
+}
+
+/// `plugins[].match`: each list that is not empty must match.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginMatch {
+    /// Destination ports.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Names of workloads (`namespace/pod` in Kubernetes mode) whose
+    /// connections the plugin runs for.
+    #[serde(default)]
+    pub workloads: Vec<String>,
+    /// Request hosts, exact or `*.suffix`.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Request path prefixes.
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// `plugins[].limits`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    #[serde(default)]
+    pub callback_deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub fuel: Option<u64>,
 }
 
 /// An enrolled workload: a pod, identified by its network namespace.
@@ -374,6 +473,7 @@ impl Config {
             "policy",
             "services",
             "inbound",
+            "kubernetes",
         ]
         .into_iter()
         .filter(|field| old.get(field) != new.get(field))
