@@ -466,12 +466,9 @@ impl Config {
             "outbound",
             "admin",
             "workers",
-            "workloads",
             "ebpf",
             "drain_timeout_seconds",
             "access_log",
-            "policy",
-            "services",
             "inbound",
             "kubernetes",
         ]

@@ -5,8 +5,11 @@
 //! A bad file changes nothing and is reported in the log and on `/metrics`.
 //!
 //! What a reload applies: the plugin chain (modules, configuration, failure
-//! policy, order). Listener addresses, workers, the admin address and the
-//! kernel side need a restart; a reload that changes them says so.
+//! policy, order), the enrolled workloads, the L4 policy and the balanced
+//! services. Listener addresses, workers, the admin address, the eBPF
+//! settings and inbound interception need a restart; a reload that changes
+//! them says so. The Kubernetes controller applies through the same
+//! [`Applier`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,17 +24,93 @@ use crate::app::{compile_plugins, plugin_sources};
 use crate::config::Config;
 use crate::filter_chain::FilterChain;
 use crate::metrics::{Metrics, ReloadLabels};
+use crate::worker::SharedDataplane;
 
 /// How often the config file's modification time is checked.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-pub struct Reloader {
-    pub path: PathBuf,
+/// Puts a new config in effect: the one path a file reload and the
+/// Kubernetes controller share. Plugins are compiled and instantiated once
+/// on a canary first; then the kernel side (workloads, policy, services) is
+/// updated and the workers swap their filter chains atomically.
+pub struct Applier {
     /// The config in effect.
     pub current: Config,
     pub plugins: watch::Sender<Arc<Vec<Plugin>>>,
     pub admin: Arc<AdminState>,
     pub metrics: Arc<Metrics>,
+    /// `None` in quick mode.
+    pub dataplane: Option<SharedDataplane>,
+}
+
+impl Applier {
+    /// Applies `config`, counting the result on `/metrics`; on an error the
+    /// previous config stays in effect. Returns the number of plugins.
+    pub fn apply(&mut self, config: Config) -> anyhow::Result<usize> {
+        let result = self.try_apply(config);
+        let label = if result.is_ok() {
+            "applied"
+        } else {
+            "rejected"
+        };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ReloadLabels {
+                result: label.into(),
+            })
+            .inc();
+        result
+    }
+
+    fn try_apply(&mut self, config: Config) -> anyhow::Result<usize> {
+        let plugins = compile_plugins(&plugin_sources(&config))?;
+        // The canary: if these plugins cannot start here, they would not
+        // start on any worker either.
+        FilterChain::new(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
+        for field in self.current.restart_only_changes(&config) {
+            tracing::warn!(field, "changed, but applies only after a restart");
+        }
+        if let Some(dataplane) = &self.dataplane {
+            let mut dataplane = dataplane.write().unwrap_or_else(|e| e.into_inner());
+            let failures = dataplane.update(&config)?;
+            for (workload, error) in failures {
+                tracing::error!(workload, %error, "workload not enrolled");
+            }
+        }
+        let count = plugins.len();
+        self.plugins.send_replace(Arc::new(plugins));
+        if let Ok(mut dump) = self.admin.config_dump.write() {
+            *dump = serde_json::to_value(&config).unwrap_or_default();
+        }
+        self.current = config;
+        Ok(count)
+    }
+}
+
+/// The Kubernetes controller's view of the applier.
+impl crate::kube::controller::ConfigSink for Applier {
+    fn check_plugin(&mut self, plugin: &crate::config::PluginSpec) -> Result<(), String> {
+        let plugins =
+            compile_plugins(&[crate::app::plugin_source(plugin)]).map_err(|e| format!("{e:#}"))?;
+        FilterChain::new(&plugins)
+            .map(drop)
+            .map_err(|e| format!("canary instance failed: {e}"))
+    }
+
+    fn apply(&mut self, config: Config) -> Result<(), String> {
+        config
+            .validate(std::path::Path::new("<kubernetes>"))
+            .map_err(|e| e.to_string())?;
+        Applier::apply(self, config)
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// Reloads the config file on SIGHUP or when it changes.
+pub struct Reloader {
+    pub path: PathBuf,
+    pub applier: Applier,
 }
 
 impl Reloader {
@@ -64,18 +143,9 @@ impl Reloader {
     }
 
     fn reload(&mut self, trigger: &'static str) {
-        let result = self.try_reload();
-        let label = if result.is_ok() {
-            "applied"
-        } else {
-            "rejected"
-        };
-        self.metrics
-            .config_reloads
-            .get_or_create(&ReloadLabels {
-                result: label.into(),
-            })
-            .inc();
+        let result = Config::load(&self.path)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| self.applier.apply(config));
         match result {
             Ok(plugins) => {
                 tracing::info!(trigger, path = %self.path.display(), plugins, "configuration reloaded")
@@ -86,27 +156,6 @@ impl Reloader {
                 "configuration NOT reloaded, the previous one stays in effect: {error:#}"
             ),
         }
-    }
-
-    fn try_reload(&mut self) -> anyhow::Result<usize> {
-        let config = Config::load(&self.path)?;
-        let plugins = compile_plugins(&plugin_sources(&config))?;
-        // The canary: if these plugins cannot start here, they would not
-        // start on any worker either.
-        FilterChain::new(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
-        for field in self.current.restart_only_changes(&config) {
-            tracing::warn!(
-                field,
-                "changed in the file, but applies only after a restart"
-            );
-        }
-        let count = plugins.len();
-        self.plugins.send_replace(Arc::new(plugins));
-        if let Ok(mut dump) = self.admin.config_dump.write() {
-            *dump = serde_json::to_value(&config).unwrap_or_default();
-        }
-        self.current = config;
-        Ok(count)
     }
 }
 

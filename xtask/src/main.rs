@@ -13,6 +13,7 @@ mod bench_redirect;
 mod build;
 mod compare;
 mod demo;
+mod manifests;
 mod report;
 mod setup;
 mod test;
@@ -67,6 +68,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         render: Option<std::path::PathBuf>,
     },
+    /// Write the CRD YAML under manifests/crds/ from the Rust types.
+    Manifests {
+        /// Only check that the committed YAML is up to date.
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks; results go to docs/benchmarks.md.
     Bench {
         #[command(subcommand)]
@@ -104,6 +111,7 @@ fn main() -> std::process::ExitCode {
         Command::Build => setup::run(setup::Mode::Quiet).and_then(|()| build::all()),
         Command::Demo => demo::run(),
         Command::Test => test::run(),
+        Command::Manifests { check } => manifests::run(check),
         Command::Compare {
             pods,
             duration,

@@ -176,7 +176,7 @@ impl Controller {
                     self.reconcile(&stores.snapshot(), &mut sink, &mut memory).await;
                 }
                 _ = resync.tick() => dirty = true,
-                _ = shutdown.wait_for(|stop| *stop) => break,
+                _ = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
             }
         }
         tracing::info!("Kubernetes control loop stopped");

@@ -5,6 +5,8 @@
 //!
 //! The CRD YAML under `manifests/crds/` is generated from these types
 //! (`cargo xtask manifests`), so the schema and the code cannot drift.
+//! xtask compiles this file on its own (it cannot depend on the agent, whose
+//! build needs the eBPF object), so it uses nothing else of the agent.
 
 use std::collections::BTreeMap;
 
@@ -133,6 +135,8 @@ impl PluginPhase {
 /// wisp's failure policies (Istio's `failStrategy`).
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+// The variants are the wire names (FAIL_*, PER_*).
+#[allow(clippy::enum_variant_names)]
 pub enum FailurePolicySetting {
     /// 503 (Envoy's default).
     #[default]
@@ -143,19 +147,11 @@ pub enum FailurePolicySetting {
     FailReload,
 }
 
-impl From<FailurePolicySetting> for wisp_wasm_host::FailurePolicy {
-    fn from(policy: FailurePolicySetting) -> Self {
-        match policy {
-            FailurePolicySetting::FailClosed => wisp_wasm_host::FailurePolicy::FailClosed,
-            FailurePolicySetting::FailOpen => wisp_wasm_host::FailurePolicy::FailOpen,
-            FailurePolicySetting::FailReload => wisp_wasm_host::FailurePolicy::FailReload,
-        }
-    }
-}
-
 /// The Proxy-Wasm VM isolation modes.
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+// The variants are the wire names (FAIL_*, PER_*).
+#[allow(clippy::enum_variant_names)]
 pub enum VmIsolation {
     /// One instance per worker thread, shared by plugins with the same VM.
     #[default]
@@ -164,16 +160,6 @@ pub enum VmIsolation {
     PerPlugin,
     /// A fresh instance for every request.
     PerRequest,
-}
-
-impl From<VmIsolation> for wisp_wasm_host::IsolationMode {
-    fn from(mode: VmIsolation) -> Self {
-        match mode {
-            VmIsolation::PerWorker => wisp_wasm_host::IsolationMode::PerWorker,
-            VmIsolation::PerPlugin => wisp_wasm_host::IsolationMode::PerPlugin,
-            VmIsolation::PerRequest => wisp_wasm_host::IsolationMode::PerRequest,
-        }
-    }
 }
 
 /// Per-instance limits; unset fields keep the host's defaults (128 MiB,

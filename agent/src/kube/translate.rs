@@ -356,6 +356,30 @@ pub fn build_config(
     config
 }
 
+impl From<super::crd::FailurePolicySetting> for wisp_wasm_host::FailurePolicy {
+    fn from(policy: super::crd::FailurePolicySetting) -> Self {
+        match policy {
+            super::crd::FailurePolicySetting::FailClosed => {
+                wisp_wasm_host::FailurePolicy::FailClosed
+            }
+            super::crd::FailurePolicySetting::FailOpen => wisp_wasm_host::FailurePolicy::FailOpen,
+            super::crd::FailurePolicySetting::FailReload => {
+                wisp_wasm_host::FailurePolicy::FailReload
+            }
+        }
+    }
+}
+
+impl From<super::crd::VmIsolation> for wisp_wasm_host::IsolationMode {
+    fn from(mode: super::crd::VmIsolation) -> Self {
+        match mode {
+            super::crd::VmIsolation::PerWorker => wisp_wasm_host::IsolationMode::PerWorker,
+            super::crd::VmIsolation::PerPlugin => wisp_wasm_host::IsolationMode::PerPlugin,
+            super::crd::VmIsolation::PerRequest => wisp_wasm_host::IsolationMode::PerRequest,
+        }
+    }
+}
+
 #[cfg(test)]
 #[path = "translate_tests.rs"]
 mod tests;
