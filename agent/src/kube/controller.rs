@@ -322,3 +322,7 @@ impl Controller {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;
