@@ -70,8 +70,10 @@ async fn lists_and_watches_this_node_and_applies_status_per_node() {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let base: Config = serde_saphyr::from_str("outbound:\n  listen: 10.213.80.1:19502\n").unwrap();
-    let mut settings = KubernetesConfig::default();
-    settings.module_dir = dir.path().join("modules");
+    let settings = KubernetesConfig {
+        module_dir: dir.path().join("modules"),
+        ..Default::default()
+    };
     let controller = Controller {
         client,
         node: "k1".into(),
