@@ -48,18 +48,19 @@ impl Applier {
     /// previous config stays in effect. Returns the number of plugins.
     pub fn apply(&mut self, config: Config) -> anyhow::Result<usize> {
         let result = self.try_apply(config);
-        let label = if result.is_ok() {
-            "applied"
-        } else {
-            "rejected"
-        };
+        self.count(result.is_ok());
+        result
+    }
+
+    /// Counts one applied or rejected config on `/metrics`.
+    pub fn count(&self, applied: bool) {
+        let label = if applied { "applied" } else { "rejected" };
         self.metrics
             .config_reloads
             .get_or_create(&ReloadLabels {
                 result: label.into(),
             })
             .inc();
-        result
     }
 
     fn try_apply(&mut self, config: Config) -> anyhow::Result<usize> {
@@ -98,9 +99,10 @@ impl crate::kube::controller::ConfigSink for Applier {
     }
 
     fn apply(&mut self, config: Config) -> Result<(), String> {
-        config
-            .validate(std::path::Path::new("<kubernetes>"))
-            .map_err(|e| e.to_string())?;
+        if let Err(error) = config.validate(std::path::Path::new("<kubernetes>")) {
+            self.count(false);
+            return Err(error.to_string());
+        }
         Applier::apply(self, config)
             .map(drop)
             .map_err(|e| format!("{e:#}"))
@@ -143,9 +145,13 @@ impl Reloader {
     }
 
     fn reload(&mut self, trigger: &'static str) {
-        let result = Config::load(&self.path)
-            .map_err(anyhow::Error::from)
-            .and_then(|config| self.applier.apply(config));
+        let result = match Config::load(&self.path) {
+            Ok(config) => self.applier.apply(config),
+            Err(error) => {
+                self.applier.count(false);
+                Err(error.into())
+            }
+        };
         match result {
             Ok(plugins) => {
                 tracing::info!(trigger, path = %self.path.display(), plugins, "configuration reloaded")
