@@ -33,6 +33,8 @@ pub struct SeenRequest {
 struct State {
     /// LIST path → the items to return.
     lists: BTreeMap<String, (String, Vec<serde_json::Value>)>,
+    /// Open watches: (path, where their events go).
+    watches: Vec<(String, tokio::sync::mpsc::UnboundedSender<Bytes>)>,
     seen: Vec<SeenRequest>,
 }
 
@@ -43,17 +45,20 @@ pub struct MockApiServer {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// A body that never ends: an open watch with no events.
-struct Hang;
+/// An open watch: the events [`MockApiServer::push_event`] sends, one JSON
+/// line each, and otherwise nothing, for as long as the server runs.
+struct WatchBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
 
-impl hyper::body::Body for Hang {
+impl hyper::body::Body for WatchBody {
     type Data = Bytes;
     type Error = Infallible;
     fn poll_frame(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        Poll::Pending
+        self.0
+            .poll_recv(cx)
+            .map(|event| event.map(|bytes| Ok(Frame::data(bytes))))
     }
 }
 
@@ -90,10 +95,12 @@ async fn handle(
     let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
     state.seen.push(seen.clone());
     if seen.method == "GET" && seen.query.contains("watch=true") {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        state.watches.push((seen.path.clone(), tx));
         return Ok(Response::builder()
             .status(200)
             .header("content-type", "application/json")
-            .body(Hang.boxed())
+            .body(WatchBody(rx).boxed())
             .unwrap_or_default());
     }
     if seen.method == "GET" {
@@ -114,11 +121,36 @@ async fn handle(
             ),
         });
     }
-    // PATCH (status): answer with the applied object.
-    Ok(json_reply(
-        200,
-        seen.body.as_ref().unwrap_or(&serde_json::Value::Null),
-    ))
+    // PATCH of …/namespaces/NS/PLURAL/NAME/status: the listed object with
+    // the applied status, as the API server answers.
+    let segments: Vec<&str> = seen.path.split('/').collect();
+    let object = match segments.as_slice() {
+        [prefix @ .., "namespaces", ns, plural, name, "status"] => {
+            let list = format!("{}/{plural}", prefix.join("/"));
+            state.lists.get(&list).and_then(|(_, items)| {
+                items
+                    .iter()
+                    .find(|o| o["metadata"]["namespace"] == *ns && o["metadata"]["name"] == *name)
+                    .cloned()
+            })
+        }
+        _ => None,
+    };
+    Ok(match object {
+        Some(mut object) => {
+            object["status"] = seen
+                .body
+                .as_ref()
+                .map_or(serde_json::Value::Null, |b| b["status"].clone());
+            json_reply(200, &object)
+        }
+        None => json_reply(
+            404,
+            &serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                "reason": "NotFound", "code": 404,
+                                "message": format!("the mock has no object for {}", seen.path)}),
+        ),
+    })
 }
 
 impl MockApiServer {
@@ -172,6 +204,20 @@ impl MockApiServer {
         state
             .lists
             .insert(path.to_owned(), (kind.to_owned(), items));
+    }
+
+    /// Sends a watch event (`ADDED`, `MODIFIED`, `DELETED`) for `object` to
+    /// every open watch of `path`; returns how many watches got it.
+    pub fn push_event(&self, path: &str, kind: &str, object: &serde_json::Value) -> usize {
+        let line = format!("{}\n", serde_json::json!({"type": kind, "object": object}));
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.watches.retain(|(_, tx)| !tx.is_closed());
+        state
+            .watches
+            .iter()
+            .filter(|(p, _)| p == path)
+            .filter(|(_, tx)| tx.send(Bytes::from(line.clone())).is_ok())
+            .count()
     }
 
     /// Every request so far.

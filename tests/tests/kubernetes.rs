@@ -4,6 +4,8 @@
 //! first; `wisp run --kubernetes` enrolls that pod's network namespace in
 //! the kernel, its requests come back with the plugin's response header,
 //! the other pod's do not, and the plugin's status says it loaded here.
+//! Then watch events change the plugin's selector (the header goes away and
+//! the node's status entry is removed) and delete the pod (it is unenrolled).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -54,6 +56,20 @@ fn a_wasmplugin_from_the_api_runs_for_the_selected_pod() {
         .iter()
         .map(|x| format!("{x:02x}"))
         .collect();
+    let plugin = |app: &str, generation: i64| {
+        json!({
+            "apiVersion": "wisp.dev/v1alpha1", "kind": "WasmPlugin",
+            "metadata": {"namespace": "shop", "name": "headers", "generation": generation,
+                         "resourceVersion": format!("{}", 10 + generation)},
+            "spec": {
+                "url": format!("file://{}", module.display()),
+                "sha256": digest,
+                "selector": {"matchLabels": {"app": app}},
+                "pluginConfig": {"header_value": "from-kubernetes"},
+                "phase": "STATS",
+            },
+        })
+    };
     let api = MockApiServer::start(API.parse().unwrap()).unwrap();
     api.set_list(
         "/api/v1/namespaces",
@@ -80,18 +96,7 @@ fn a_wasmplugin_from_the_api_runs_for_the_selected_pod() {
     api.set_list(
         "/apis/wisp.dev/v1alpha1/wasmplugins",
         "WasmPluginList",
-        vec![json!({
-            "apiVersion": "wisp.dev/v1alpha1", "kind": "WasmPlugin",
-            "metadata": {"namespace": "shop", "name": "headers", "generation": 4,
-                         "resourceVersion": "11"},
-            "spec": {
-                "url": format!("file://{}", module.display()),
-                "sha256": digest,
-                "selector": {"matchLabels": {"app": "web"}},
-                "pluginConfig": {"header_value": "from-kubernetes"},
-                "phase": "STATS",
-            },
-        })],
+        vec![plugin("web", 4)],
     );
 
     let listen = SocketAddr::from((node.node_ip(), LISTEN_PORT));
@@ -138,8 +143,8 @@ fn a_wasmplugin_from_the_api_runs_for_the_selected_pod() {
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.header("x-wisp-filter"), None, "{reply:?}");
     let log = agent.log();
-    assert!(log.contains("workload=shop/a"), "{log}");
-    assert!(!log.contains("workload=plain/b"), "{log}");
+    assert!(log.contains(r#"enrolled workload="shop/a""#), "{log}");
+    assert!(!log.contains(r#"workload="plain/b""#), "{log}");
 
     // The agent asked for this node's pods only, and wrote its status entry.
     let requests = api.requests();
@@ -171,6 +176,97 @@ fn a_wasmplugin_from_the_api_runs_for_the_selected_pod() {
         patch.body.unwrap()["status"],
         json!({"nodes": [{"node": "k1", "state": "Loaded", "observedGeneration": 4, "workloads": 1}]})
     );
+
+    // Written once: an unchanged outcome is not written again.
+    std::thread::sleep(Duration::from_millis(500));
+    let patches = api
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .count();
+    assert_eq!(patches, 1, "{}", agent.log());
+
+    // The plugin now selects other pods: a's requests lose the header, and
+    // this node's status entry is removed (an empty list under our manager).
+    let plugins_path = "/apis/wisp.dev/v1alpha1/wasmplugins";
+    let watching = |path: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if api
+                .requests()
+                .iter()
+                .any(|r| r.path == path && r.query.contains("watch=true"))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the agent never watched {path}");
+    };
+    watching(plugins_path);
+    assert_eq!(
+        api.push_event(plugins_path, "MODIFIED", &plugin("cache", 5)),
+        1
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reply = loop {
+        let reply = http::get(a, to_b, "/after-change", &[]).unwrap();
+        if reply.header("x-wisp-filter").is_none() || Instant::now() > deadline {
+            break reply;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(
+        reply.header("x-wisp-filter"),
+        None,
+        "{reply:?}\n{}",
+        agent.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let removal = loop {
+        let found = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "PATCH")
+            .find(|r| {
+                r.body
+                    .as_ref()
+                    .is_some_and(|b| b["status"] == json!({"nodes": []}))
+            });
+        if found.is_some() || Instant::now() > deadline {
+            break found;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let removal = removal.unwrap_or_else(|| panic!("no status removal\n{}", agent.log()));
+    assert!(
+        removal.query.contains("fieldManager=wisp-agent%2Fk1"),
+        "{removal:?}"
+    );
+
+    // The pod is deleted: the agent unenrolls its namespace.
+    assert_eq!(
+        api.push_event(
+            "/api/v1/pods",
+            "DELETED",
+            &pod("shop", "a", "uid-a", json!({"app": "web"}))
+        ),
+        1
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.log().contains(r#"unenrolled workload="shop/a""#) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        agent.log().contains(r#"unenrolled workload="shop/a""#),
+        "{}",
+        agent.log()
+    );
+    let reply = http::get(a, to_b, "/direct", &[]).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    assert_eq!(reply.echo().unwrap()["path"], "/direct");
+
     drop(agent);
     assert!(
         !std::path::Path::new(PIN_PATH).exists(),
