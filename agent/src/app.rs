@@ -336,6 +336,7 @@ fn serve(
             admin: admin_state.clone(),
             metrics: metrics.clone(),
             dataplane: dataplane.clone(),
+            checked: Default::default(),
         };
         let control_task = match spec.control {
             Control::None => None,

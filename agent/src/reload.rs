@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use wisp_wasm_host::Plugin;
 
 use crate::admin::AdminState;
-use crate::app::{compile_plugins, plugin_sources};
+use crate::app::compile_plugins;
 use crate::config::Config;
 use crate::filter_chain::FilterChain;
 use crate::metrics::{Metrics, ReloadLabels};
@@ -41,6 +41,15 @@ pub struct Applier {
     pub metrics: Arc<Metrics>,
     /// `None` in quick mode.
     pub dataplane: Option<SharedDataplane>,
+    /// Plugins the Kubernetes controller already compiled and checked, by
+    /// their `plugins[]` entry (the module path names its digest there), so
+    /// applying them does not compile them again.
+    pub checked: std::collections::HashMap<String, Plugin>,
+}
+
+/// The cache key of a `plugins[]` entry.
+fn plugin_key(spec: &crate::config::PluginSpec) -> String {
+    serde_json::to_string(spec).unwrap_or_default()
 }
 
 impl Applier {
@@ -64,7 +73,19 @@ impl Applier {
     }
 
     fn try_apply(&mut self, config: Config) -> anyhow::Result<usize> {
-        let plugins = compile_plugins(&plugin_sources(&config))?;
+        let plugins = config
+            .plugins
+            .iter()
+            .map(|spec| match self.checked.get(&plugin_key(spec)) {
+                Some(plugin) => Ok(plugin.clone()),
+                None => {
+                    compile_plugins(&[crate::app::plugin_source(spec)]).map(|mut one| one.remove(0))
+                }
+            })
+            .collect::<anyhow::Result<Vec<Plugin>>>()?;
+        let keep: std::collections::HashSet<String> =
+            config.plugins.iter().map(plugin_key).collect();
+        self.checked.retain(|key, _| keep.contains(key));
         // The canary: if these plugins cannot start here, they would not
         // start on any worker either.
         FilterChain::new(&plugins).map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
@@ -93,9 +114,10 @@ impl crate::kube::controller::ConfigSink for Applier {
     fn check_plugin(&mut self, plugin: &crate::config::PluginSpec) -> Result<(), String> {
         let plugins =
             compile_plugins(&[crate::app::plugin_source(plugin)]).map_err(|e| format!("{e:#}"))?;
-        FilterChain::new(&plugins)
-            .map(drop)
-            .map_err(|e| format!("canary instance failed: {e}"))
+        FilterChain::new(&plugins).map_err(|e| format!("canary instance failed: {e}"))?;
+        let compiled = plugins.into_iter().next().ok_or("no plugin compiled")?;
+        self.checked.insert(plugin_key(plugin), compiled);
+        Ok(())
     }
 
     fn apply(&mut self, config: Config) -> Result<(), String> {

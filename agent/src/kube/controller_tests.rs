@@ -254,3 +254,94 @@ async fn lists_and_watches_this_node_and_applies_status_per_node() {
             .starts_with(dir.path().join("modules"))
     );
 }
+
+#[tokio::test]
+async fn a_failed_list_is_retried_with_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let base: Config = serde_saphyr::from_str("outbound:\n  listen: 10.213.80.1:19503\n").unwrap();
+    let controller = Controller {
+        client,
+        node: "k1".into(),
+        base,
+        settings: KubernetesConfig {
+            module_dir: dir.path().join("modules"),
+            ..Default::default()
+        },
+        modules: Arc::new(FileModuleResolver),
+        netns: Arc::new(FakeNetns),
+    };
+    let recorder = Recorder::default();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(controller.run(recorder.clone(), stop_rx));
+    let pods = list(
+        "Pod",
+        "v1",
+        json!([{
+        "metadata": {"namespace": "shop", "name": "web-1", "uid": "u1"},
+        "spec": {"nodeName": "k1", "containers": [{"name": "app"}]},
+        "status": {"phase": "Running"}}]),
+    );
+    let namespaces = list(
+        "Namespace",
+        "v1",
+        json!([
+        {"metadata": {"name": "shop", "labels": {"wisp.dev/dataplane": "enabled"}}}]),
+    );
+    let empty = list("Thing", "v1", json!([]));
+    let mut pod_lists = Vec::new();
+    let mut watches = Vec::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while recorder.applied.lock().unwrap().is_empty() {
+        let Ok(Some((request, respond))) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), handle.next_request())
+                .await
+        else {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nothing applied after 20 s"
+            );
+            continue;
+        };
+        let (path, query) = (
+            request.uri().path().to_owned(),
+            request.uri().query().unwrap_or("").to_owned(),
+        );
+        if query.contains("watch=true") {
+            watches.push(respond);
+            continue;
+        }
+        if path == "/api/v1/pods" {
+            pod_lists.push(tokio::time::Instant::now());
+            if pod_lists.len() == 1 {
+                // The API server is briefly unavailable.
+                let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                    "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500});
+                respond.send_response(
+                    Response::builder()
+                        .status(500)
+                        .header("content-type", "application/json")
+                        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                        .unwrap(),
+                );
+                continue;
+            }
+            respond.send_response(reply(&pods));
+        } else if path == "/api/v1/namespaces" {
+            respond.send_response(reply(&namespaces));
+        } else {
+            respond.send_response(reply(&empty));
+        }
+    }
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+    assert_eq!(pod_lists.len(), 2, "one failed list, one retry");
+    let waited = pod_lists[1] - pod_lists[0];
+    assert!(
+        waited >= std::time::Duration::from_millis(100),
+        "relisted without backoff (after {waited:?})"
+    );
+    let applied = recorder.applied.lock().unwrap();
+    assert_eq!(applied[0].workloads[0].name, "shop/web-1");
+}
