@@ -654,6 +654,42 @@ workloads:
     }
 
     #[test]
+    fn kubernetes_section_has_defaults_and_refuses_unknown_fields() {
+        let config = load_str(GOOD).unwrap();
+        assert_eq!(config.kubernetes.proc_root, Path::new("/proc"));
+        assert_eq!(config.kubernetes.root_namespace, "wisp-system");
+        assert_eq!(config.kubernetes.node_name, None);
+        let text = format!(
+            "{GOOD}kubernetes:\n  node_name: n1\n  proc_root: /host/proc\n  cgroup_root: /host/cgroup\n"
+        );
+        let config = load_str(&text).unwrap();
+        assert_eq!(config.kubernetes.node_name.as_deref(), Some("n1"));
+        assert_eq!(config.kubernetes.proc_root, Path::new("/host/proc"));
+        assert_eq!(
+            config.kubernetes.cgroup_root.as_deref(),
+            Some(Path::new("/host/cgroup"))
+        );
+        let err = load_str(&format!("{GOOD}kubernetes:\n  nodename: n1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":11: unknown field `nodename`"), "{err}");
+    }
+
+    #[test]
+    fn plugin_match_and_limits_parse() {
+        let text = GOOD.replace(
+            "    module: filter.wasm\n",
+            "    module: filter.wasm\n    match:\n      ports: [8080]\n      workloads: [self]\n    isolation: per_plugin\n    limits:\n      memory_mib: 8\n",
+        );
+        let config = load_str(&text).unwrap();
+        let plugin = &config.plugins[0];
+        assert_eq!(plugin.match_.ports, [8080]);
+        assert_eq!(plugin.match_.workloads, ["self"]);
+        assert_eq!(plugin.isolation, wisp_wasm_host::IsolationMode::PerPlugin);
+        assert_eq!(plugin.limits.memory_mib, Some(8));
+    }
+
+    #[test]
     fn missing_netns_is_named() {
         let text = GOOD.replace("/proc/self/ns/net", "/var/run/netns/does-not-exist");
         let err = load_str(&text).unwrap_err().to_string();

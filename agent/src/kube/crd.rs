@@ -232,3 +232,38 @@ pub fn crd_yaml() -> Result<String, String> {
         "# Generated from agent/src/kube/crd.rs by `cargo xtask manifests`; do not edit.\n{yaml}"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_committed_crd_is_the_generated_one() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../manifests/crds/wasmplugins.wisp.dev.yaml"
+        );
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == crd_yaml().unwrap(),
+            "{path} is stale: run `cargo xtask manifests`"
+        );
+    }
+
+    #[test]
+    fn status_nodes_is_a_map_list_keyed_by_node() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(WasmPlugin::crd()).unwrap();
+        let version = &crd["spec"]["versions"][0];
+        assert_eq!(version["subresources"]["status"], serde_json::json!({}));
+        let nodes =
+            &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["nodes"];
+        assert_eq!(nodes["x-kubernetes-list-type"], "map");
+        assert_eq!(
+            nodes["x-kubernetes-list-map-keys"],
+            serde_json::json!(["node"])
+        );
+        let config = &version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["pluginConfig"];
+        assert_eq!(config["x-kubernetes-preserve-unknown-fields"], true);
+    }
+}
