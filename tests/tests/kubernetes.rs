@@ -4,6 +4,7 @@
 //! first; `wisp run --kubernetes` enrolls that pod's network namespace in
 //! the kernel, its requests come back with the plugin's response header,
 //! the other pod's do not, and the plugin's status says it loaded here.
+//! A Service with an EndpointSlice from the API is balanced at connect time.
 //! Then watch events change the plugin's selector (the header goes away and
 //! the node's status entry is removed) and delete the pod (it is unenrolled).
 
@@ -21,6 +22,8 @@ const API: &str = "127.0.0.1:19510";
 const LISTEN_PORT: u16 = 19511;
 const ADMIN: &str = "127.0.0.1:19512";
 const PIN_PATH: &str = "/sys/fs/bpf/wisp-test-k1";
+/// The Service's ClusterIP (nothing answers on it: the kernel rewrites connects).
+const VIP: &str = "10.213.89.10";
 
 fn pod(namespace: &str, name: &str, uid: &str, labels: serde_json::Value) -> serde_json::Value {
     json!({
@@ -87,11 +90,25 @@ fn a_wasmplugin_from_the_api_runs_for_the_selected_pod() {
             pod("plain", "b", "uid-b", json!({"app": "web"})),
         ],
     );
-    api.set_list("/api/v1/services", "ServiceList", vec![]);
+    // A Service whose one ready endpoint is pod b: the kernel balances its VIP.
+    api.set_list(
+        "/api/v1/services",
+        "ServiceList",
+        vec![json!({
+            "metadata": {"namespace": "shop", "name": "backend"},
+            "spec": {"clusterIP": VIP, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+        })],
+    );
     api.set_list(
         "/apis/discovery.k8s.io/v1/endpointslices",
         "EndpointSliceList",
-        vec![],
+        vec![json!({
+            "metadata": {"namespace": "shop", "name": "backend-x1",
+                         "labels": {"kubernetes.io/service-name": "backend"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [b.ip.to_string()], "conditions": {"ready": true}}],
+        })],
     );
     api.set_list(
         "/apis/wisp.dev/v1alpha1/wasmplugins",
@@ -138,6 +155,17 @@ fn a_wasmplugin_from_the_api_runs_for_the_selected_pod() {
     );
     let echo_saw = reply.echo().expect("the echo server's JSON reply");
     assert_eq!(echo_saw["path"], "/from-a", "{echo_saw}");
+    // The Service's VIP reaches its endpoint (pod b), through the plugin.
+    let reply = http::get(
+        a,
+        SocketAddr::new(VIP.parse().unwrap(), 80),
+        "/via-vip",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", agent.log());
+    assert_eq!(reply.echo().unwrap()["server"], "b", "{reply:?}");
+    assert_eq!(reply.header("x-wisp-filter"), Some("from-kubernetes"));
     // The pod of the namespace that is not enrolled is left alone.
     let reply = http::get(b, SocketAddr::from((a.ip, 8080)), "/from-b", &[]).unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");
