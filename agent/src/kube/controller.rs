@@ -305,6 +305,17 @@ impl Controller {
             }
         }
         memory.written.retain(|key, _| live.contains(key));
+        // Forget modules and checks of plugin versions that are gone.
+        let wanted: std::collections::BTreeSet<ModuleKey> = state
+            .plugins
+            .iter()
+            .map(|p| (p.spec.url.clone(), p.spec.sha256.clone()))
+            .collect();
+        memory.modules.retain(|key, _| wanted.contains(key));
+        memory.checks.retain(|(key, _, path), _| {
+            live.contains(key) && memory.modules.values().any(|p| p == path)
+        });
+        memory.last_good.retain(|key, _| live.contains(key));
         for outcome in outcomes {
             let key = format!("{}/{}", outcome.namespace, outcome.name);
             if memory.written.get(&key) == Some(&outcome) {
