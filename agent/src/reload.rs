@@ -92,6 +92,13 @@ impl Applier {
         for field in self.current.restart_only_changes(&config) {
             tracing::warn!(field, "changed, but applies only after a restart");
         }
+        let workload_names =
+            |c: &Config| -> Vec<String> { c.workloads.iter().map(|w| w.name.clone()).collect() };
+        if config.inbound.enabled && workload_names(&self.current) != workload_names(&config) {
+            tracing::warn!(
+                "inbound interception covers the workloads enrolled at start; restart to intercept the new set"
+            );
+        }
         if let Some(dataplane) = &self.dataplane {
             let mut dataplane = dataplane.write().unwrap_or_else(|e| e.into_inner());
             let failures = dataplane.update(&config)?;
