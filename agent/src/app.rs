@@ -23,6 +23,7 @@ use crate::listener::{Destination, ListenerSpec, Protocol};
 use crate::metrics::{KernelCounters, Metrics};
 use crate::module_fetch::ModuleFetcher;
 use crate::plugins::{ConfiguredPlugin, PluginKind, PluginMatch};
+use crate::worker::SharedDataplane;
 use crate::worker::{DataplaneCell, WorkerContext, Workers};
 
 /// A plugin to load: where its module is, how to configure it, and whether
@@ -88,35 +89,121 @@ pub fn compile_plugins(
         .block_on(load_plugins(&fetcher, sources))
 }
 
+/// Compiles one plugin whose module is a local file, without a runtime:
+/// for the apply path, which runs inside one. URL modules are fetched first
+/// ([`load_plugins`]; the Kubernetes controller stores them as files).
+pub fn compile_local_plugin(source: &PluginSource) -> anyhow::Result<ConfiguredPlugin> {
+    let name = &source.config.name;
+    let at = source
+        .defined_at
+        .as_ref()
+        .map_or_else(String::new, |at| format!("{at}: "));
+    let path = match crate::module_fetch::ModuleLocation::parse(&source.module) {
+        Ok(crate::module_fetch::ModuleLocation::File(path)) => path,
+        Ok(_) => anyhow::bail!(
+            "{at}plugin {name:?}: {} must be fetched before it is applied",
+            source.module
+        ),
+        Err(error) => anyhow::bail!("{at}plugin {name:?}: {error}"),
+    };
+    let sha256 = source
+        .sha256
+        .as_deref()
+        .map(crate::module_fetch::parse_sha256)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{at}plugin {name:?}: {e}"))?;
+    let bytes = wisp_wasm_host::ModuleSource::File { path, sha256 }
+        .load(name)
+        .map_err(|e| anyhow::anyhow!("{at}{e}"))?;
+    anyhow::ensure!(
+        bytes.starts_with(b"\0asm"),
+        "{at}plugin {name:?}: {} is not a WebAssembly binary module (no \\0asm header)",
+        source.module
+    );
+    let plugin = Plugin::compile(source.config.clone(), &bytes)
+        .with_context(|| format!("{at}plugin {name:?} ({})", source.module))?;
+    Ok(ConfiguredPlugin {
+        plugin,
+        kind: source.kind,
+        matcher: source.matcher.clone(),
+    })
+}
+
 /// The plugins a config file names.
 pub fn plugin_sources(config: &Config) -> Vec<PluginSource> {
     config
         .plugins
         .iter()
         .enumerate()
-        .map(|(i, spec)| PluginSource {
-            module: spec.module.value.clone(),
-            sha256: spec.sha256.as_ref().map(|s| s.value.clone()),
-            defined_at: config.source.as_ref().map(|path| {
-                format!(
-                    "{}:{}: `plugins[{i}].module`",
-                    path.display(),
-                    spec.module.referenced.line()
-                )
-            }),
-            config: PluginConfig {
-                name: spec.name.clone(),
-                root_id: spec.root_id.clone(),
-                vm_id: spec.vm_id.clone(),
-                configuration: spec.configuration.clone().into_bytes(),
-                vm_configuration: spec.vm_configuration.clone().into_bytes(),
-                failure_policy: spec.failure_policy,
-                ..Default::default()
-            },
-            kind: spec.kind,
-            matcher: spec.matcher.as_ref().map(|m| m.value.clone()),
-        })
+        .map(|(i, spec)| plugin_source(config.source.as_deref(), i, spec))
         .collect()
+}
+
+/// One `plugins[]` entry (the `i`th of the file at `source`) as the host loads it.
+pub fn plugin_source(
+    source: Option<&std::path::Path>,
+    i: usize,
+    spec: &crate::config::PluginSpec,
+) -> PluginSource {
+    PluginSource {
+        module: spec.module.value.clone(),
+        sha256: spec.sha256.as_ref().map(|s| s.value.clone()),
+        defined_at: source.map(|path| {
+            format!(
+                "{}:{}: `plugins[{i}].module`",
+                path.display(),
+                spec.module.referenced.line()
+            )
+        }),
+        config: PluginConfig {
+            name: spec.name.clone(),
+            root_id: spec.root_id.clone(),
+            vm_id: spec.vm_id.clone(),
+            configuration: spec.configuration.clone().into_bytes(),
+            vm_configuration: spec.vm_configuration.clone().into_bytes(),
+            failure_policy: spec.failure_policy,
+            isolation: spec.isolation,
+            limits: plugin_limits(&spec.limits),
+            allowed_capabilities: spec
+                .allowed_capabilities
+                .as_ref()
+                .map(|names| names.iter().cloned().collect()),
+            ..Default::default()
+        },
+        kind: spec.kind,
+        matcher: spec.matcher.as_ref().map(|m| m.value.clone()),
+    }
+}
+
+/// The host's limits with what `plugins[].limits` sets.
+fn plugin_limits(limits: &crate::config::PluginLimits) -> wisp_wasm_host::ResourceLimits {
+    let mut out = wisp_wasm_host::ResourceLimits::default();
+    if let Some(mib) = limits.memory_mib {
+        out.max_memory_bytes = (mib as usize) << 20;
+    }
+    if let Some(ms) = limits.callback_deadline_ms {
+        out.callback_deadline = Duration::from_millis(ms);
+    }
+    if limits.fuel.is_some() {
+        out.fuel = limits.fuel;
+    }
+    out
+}
+
+/// What changes the config of `wisp run` after start-up.
+enum Control {
+    /// Quick mode: nothing.
+    None,
+    /// The config file, reloaded on SIGHUP or change, and what it said.
+    File(PathBuf, Config),
+    /// The Kubernetes API (`--kubernetes`), on top of the file's config.
+    Kubernetes(Box<KubernetesMode>, Config),
+}
+
+/// `wisp run --kubernetes`.
+pub struct KubernetesMode {
+    /// This node's name (`--node-name`, `WISP_NODE_NAME`, `kubernetes.node_name`).
+    pub node_name: String,
 }
 
 /// What one agent process serves.
@@ -128,8 +215,8 @@ struct ServeSpec {
     drain_timeout: Duration,
     /// Served on `/config_dump`.
     config_dump: serde_json::Value,
-    /// The config file to reload on SIGHUP or change, and what it said.
-    reload: Option<(PathBuf, Config)>,
+    /// What changes the config at run time.
+    control: Control,
     /// Where to append the JSON-lines access log.
     access_log: Option<PathBuf>,
     /// Clusters and body settings of the request path.
@@ -137,8 +224,18 @@ struct ServeSpec {
 }
 
 /// `wisp run`: the node agent, until SIGINT or SIGTERM; `config_path` is
-/// reloaded on SIGHUP or when it changes.
-pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
+/// reloaded on SIGHUP or when it changes, or, with `kubernetes`, the
+/// cluster's objects are added to it as they change.
+pub fn run(
+    config: Config,
+    config_path: PathBuf,
+    kubernetes: Option<KubernetesMode>,
+) -> anyhow::Result<()> {
+    if kubernetes.is_some() && config.inbound.enabled {
+        anyhow::bail!(
+            "inbound.enabled is not supported in Kubernetes mode yet (inbound interception covers only the workloads enrolled at start)"
+        );
+    }
     let plugins = compile_plugins(&plugin_sources(&config), &config.modules)?;
     let redirect = config
         .redirect_target()
@@ -170,7 +267,10 @@ pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
         admin: config.admin.listen.value,
         drain_timeout: config.drain_timeout(),
         config_dump: serde_json::to_value(&config).unwrap_or_default(),
-        reload: Some((config_path, config.clone())),
+        control: match kubernetes {
+            Some(mode) => Control::Kubernetes(Box::new(mode), config.clone()),
+            None => Control::File(config_path, config.clone()),
+        },
         access_log: config.access_log.clone(),
         http: crate::worker::HttpContext {
             clusters: crate::callout::clusters_from_specs(&config.clusters),
@@ -187,7 +287,7 @@ pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
                 .with_context(|| format!("workload {:?}", workload.name))?;
         }
         dataplane.apply_config(&config)?;
-        let dataplane = Arc::new(dataplane);
+        let dataplane = Arc::new(std::sync::RwLock::new(dataplane));
         registry.register_collector(Box::new(KernelCounters(dataplane.clone())));
         Ok(Some(dataplane))
     })
@@ -280,7 +380,7 @@ pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
             admin: quick.admin,
             drain_timeout: quick.drain_timeout,
             config_dump,
-            reload: None,
+            control: Control::None,
             access_log: quick.access_log,
             http: crate::worker::HttpContext {
                 clusters: Arc::new(quick.clusters),
@@ -296,7 +396,7 @@ pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
 /// to the listeners (the kernel programs, for `wisp run`) once they listen.
 fn serve(
     spec: ServeSpec,
-    steer: impl FnOnce(&mut Registry) -> anyhow::Result<Option<Arc<Dataplane>>>,
+    steer: impl FnOnce(&mut Registry) -> anyhow::Result<Option<SharedDataplane>>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -364,16 +464,30 @@ fn serve(
             plugins: admin::plugin_summaries(&plugins_tx.borrow()),
         });
         let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), shutdown_rx.clone()));
-        if let Some((path, current)) = spec.reload {
-            let reloader = crate::reload::Reloader {
-                path,
-                current,
-                plugins: plugins_tx,
-                admin: admin_state.clone(),
-                metrics: metrics.clone(),
-            };
-            tokio::spawn(reloader.run(shutdown_rx.clone()));
-        }
+        let applier = |current: Config| crate::reload::Applier {
+            current,
+            plugins: plugins_tx.clone(),
+            admin: admin_state.clone(),
+            metrics: metrics.clone(),
+            dataplane: dataplane.clone(),
+            checked: Default::default(),
+        };
+        let control_task = match spec.control {
+            Control::None => None,
+            Control::File(path, current) => {
+                let reloader = crate::reload::Reloader {
+                    path,
+                    applier: applier(current),
+                };
+                Some(tokio::spawn(reloader.run(shutdown_rx.clone())))
+            }
+            Control::Kubernetes(mode, base) => {
+                let controller = kubernetes_controller(&mode, base.clone()).await?;
+                Some(tokio::spawn(
+                    controller.run(applier(base), shutdown_rx.clone()),
+                ))
+            }
+        };
         admin_state.ready.store(true, Ordering::Release);
         tracing::info!(admin = %spec.admin, "wisp is ready");
 
@@ -382,13 +496,17 @@ fn serve(
         admin_state.ready.store(false, Ordering::Release);
         let _ = shutdown_tx.send(true);
         let _ = admin_task.await;
+        if let Some(task) = control_task {
+            // It holds the dataplane; it ends on the shutdown signal.
+            let _ = task.await;
+        }
         tokio::task::spawn_blocking(move || workers.join()).await?;
         if let Some(dataplane) = dataplane {
             // The last references: dropping the dataplane detaches the programs.
             drop(dataplane_cell);
             drop(admin_state);
             match Arc::try_unwrap(dataplane) {
-                Ok(dataplane) => drop(dataplane),
+                Ok(dataplane) => drop(dataplane.into_inner()),
                 Err(_) => tracing::warn!(
                     "eBPF programs still referenced at exit; the kernel detaches them when the process ends"
                 ),
@@ -398,6 +516,41 @@ fn serve(
             tracing::info!("stopped");
         }
         Ok(())
+    })
+}
+
+/// The client (in-cluster, or KUBECONFIG) and the resolvers of this build.
+async fn kubernetes_controller(
+    mode: &KubernetesMode,
+    base: Config,
+) -> anyhow::Result<crate::kube::controller::Controller> {
+    let client_config = kube::Config::infer()
+        .await
+        .map_err(|e| crate::kube::KubeError::ClientConfig(e.to_string()))?;
+    let client = kube::Client::try_from(client_config).map_err(crate::kube::KubeError::Api)?;
+    let settings = base.kubernetes.clone();
+    let netns: Arc<dyn crate::kube::PodNetnsResolver> = match &settings.netns_dir {
+        Some(dir) => Arc::new(crate::kube::NetnsDirResolver { dir: dir.clone() }),
+        // kubelet's cgroup layout on the host's cgroup mount.
+        None => Arc::new(crate::kube::resolvers::KubeletPodResolver(
+            crate::pod_resolver::PodResolver::new(
+                settings
+                    .cgroup_root
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/sys/fs/cgroup")),
+                settings.proc_root.clone(),
+            ),
+        )),
+    };
+    let modules = Arc::new(ModuleFetcher::new(&base.modules)?);
+    tracing::info!(node = %mode.node_name, "Kubernetes mode");
+    Ok(crate::kube::controller::Controller {
+        client,
+        node: mode.node_name.clone(),
+        base,
+        settings,
+        modules,
+        netns,
     })
 }
 

@@ -94,6 +94,61 @@ pub struct Config {
     /// The HTTP request path (body buffer limit).
     #[serde(default)]
     pub http: crate::body::HttpSettings,
+    /// Kubernetes mode (`wisp run --kubernetes`): where this node's pods
+    /// live. Ignored in file mode.
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+}
+
+/// The `kubernetes:` section (see docs/kubernetes.md).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// This node's name; `--node-name` and `WISP_NODE_NAME` take precedence.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// The host's `/proc` as mounted in the agent's container.
+    #[serde(default = "KubernetesConfig::default_proc_root")]
+    pub proc_root: PathBuf,
+    /// The host's cgroup v2 root (kubelet's pod cgroups). Default: the
+    /// cgroup2 mount found in `/proc/self/mounts`.
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Fetched modules, stored by digest.
+    #[serde(default = "KubernetesConfig::default_module_dir")]
+    pub module_dir: PathBuf,
+    /// `WasmPlugin`s in this namespace may select pods in other namespaces.
+    #[serde(default = "KubernetesConfig::default_root_namespace")]
+    pub root_namespace: String,
+    /// Find each pod's network namespace at `DIR/<pod uid>` instead of
+    /// through kubelet's cgroups (for tests and runtimes that publish them).
+    #[serde(default)]
+    pub netns_dir: Option<PathBuf>,
+}
+
+impl KubernetesConfig {
+    fn default_proc_root() -> PathBuf {
+        PathBuf::from("/proc")
+    }
+    fn default_module_dir() -> PathBuf {
+        PathBuf::from("/run/wisp/modules")
+    }
+    fn default_root_namespace() -> String {
+        "wisp-system".into()
+    }
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            node_name: None,
+            proc_root: KubernetesConfig::default_proc_root(),
+            cgroup_root: None,
+            module_dir: KubernetesConfig::default_module_dir(),
+            root_namespace: KubernetesConfig::default_root_namespace(),
+            netns_dir: None,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -188,6 +243,28 @@ pub struct PluginSpec {
     /// paths}`, every present condition must hold. Default: all of it.
     #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
     pub matcher: Option<Spanned<PluginMatch>>,
+    /// How instances are shared: `per_worker` (default), `per_plugin`,
+    /// `per_use` or `per_request`.
+    #[serde(default)]
+    pub isolation: wisp_wasm_host::IsolationMode,
+    /// Per-instance limits; unset fields keep the host's defaults.
+    #[serde(default)]
+    pub limits: PluginLimits,
+    /// When set, only these `env` and WASI function names work.
+    #[serde(default)]
+    pub allowed_capabilities: Option<Vec<String>>,
+}
+
+/// `plugins[].limits`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    #[serde(default)]
+    pub callback_deadline_ms: Option<u64>,
+    #[serde(default)]
+    pub fuel: Option<u64>,
 }
 
 /// An enrolled workload: a pod, identified by its network namespace.
@@ -648,16 +725,14 @@ impl Config {
             "outbound",
             "admin",
             "workers",
-            "workloads",
             "ebpf",
             "drain_timeout_seconds",
             "access_log",
-            "policy",
-            "services",
             "inbound",
             "listeners",
             "clusters",
             "http",
+            "kubernetes",
         ]
         .into_iter()
         .filter(|field| old.get(field) != new.get(field))
@@ -907,6 +982,43 @@ workloads:
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `cache_size`"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_section_has_defaults_and_refuses_unknown_fields() {
+        let config = load_str(GOOD).unwrap();
+        assert_eq!(config.kubernetes.proc_root, Path::new("/proc"));
+        assert_eq!(config.kubernetes.root_namespace, "wisp-system");
+        assert_eq!(config.kubernetes.node_name, None);
+        let text = format!(
+            "{GOOD}kubernetes:\n  node_name: n1\n  proc_root: /host/proc\n  cgroup_root: /host/cgroup\n"
+        );
+        let config = load_str(&text).unwrap();
+        assert_eq!(config.kubernetes.node_name.as_deref(), Some("n1"));
+        assert_eq!(config.kubernetes.proc_root, Path::new("/host/proc"));
+        assert_eq!(
+            config.kubernetes.cgroup_root.as_deref(),
+            Some(Path::new("/host/cgroup"))
+        );
+        let err = load_str(&format!("{GOOD}kubernetes:\n  nodename: n1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":11: unknown field `nodename`"), "{err}");
+    }
+
+    #[test]
+    fn plugin_match_and_limits_parse() {
+        let text = GOOD.replace(
+            "    module: filter.wasm\n",
+            "    module: filter.wasm\n    match:\n      ports: [8080]\n      workloads: [self]\n    isolation: per_plugin\n    limits:\n      memory_mib: 8\n",
+        );
+        let config = load_str(&text).unwrap();
+        let plugin = &config.plugins[0];
+        let matcher = &plugin.matcher.as_ref().expect("a match").value;
+        assert_eq!(matcher.ports, Some(vec![8080]));
+        assert_eq!(matcher.workloads, Some(vec!["self".to_string()]));
+        assert_eq!(plugin.isolation, wisp_wasm_host::IsolationMode::PerPlugin);
+        assert_eq!(plugin.limits.memory_mib, Some(8));
     }
 
     #[test]

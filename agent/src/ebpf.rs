@@ -455,9 +455,9 @@ impl Dataplane {
                 path: netns.to_owned(),
             });
         }
-        let slot = u32::try_from(self.workloads.len())
-            .ok()
-            .filter(|slot| *slot < MAX_WORKLOADS)
+        // The lowest free slot: workloads come and go in Kubernetes mode.
+        let slot = (0..MAX_WORKLOADS)
+            .find(|slot| !self.workloads.iter().any(|w| w.slot == *slot))
             .ok_or(EbpfError::TooManyWorkloads)?;
         let previous = self.enrolled_map.get(&cookie, 0).ok();
         if previous.map(|w| w.slot) != Some(slot) {
@@ -480,6 +480,85 @@ impl Dataplane {
         tracing::info!(workload = name, netns = %netns.display(), cookie, slot, "enrolled");
         self.workloads.push(workload.clone());
         Ok(workload)
+    }
+
+    /// Stops steering the connects of workload `name`; false when it was
+    /// not enrolled. Its slot is free for the next enrollment.
+    pub fn unenroll(&mut self, name: &str) -> bool {
+        let Some(index) = self.workloads.iter().position(|w| w.name == name) else {
+            return false;
+        };
+        let workload = self.workloads.remove(index);
+        let _ = self.enrolled_map.remove(&workload.netns_cookie);
+        tracing::info!(
+            workload = name,
+            cookie = workload.netns_cookie,
+            slot = workload.slot,
+            "unenrolled"
+        );
+        true
+    }
+
+    /// Makes the enrolled set exactly `wanted` (name, netns): enrolls new
+    /// workloads, re-enrolls those whose namespace changed (a pod recreated
+    /// under the same name), unenrolls the rest. A workload that cannot be
+    /// enrolled does not stop the others; the failures are returned.
+    pub fn sync_workloads(&mut self, wanted: &[(String, PathBuf)]) -> Vec<(String, EbpfError)> {
+        let gone: Vec<String> = self
+            .workloads
+            .iter()
+            .filter(|w| {
+                !wanted.iter().any(|(name, netns)| {
+                    *name == w.name && netns_cookie(netns).ok() == Some(w.netns_cookie)
+                })
+            })
+            .map(|w| w.name.clone())
+            .collect();
+        for name in gone {
+            self.unenroll(&name);
+        }
+        let mut failures = Vec::new();
+        for (name, netns) in wanted {
+            if self.workloads.iter().any(|w| w.name == *name) {
+                continue;
+            }
+            if let Err(error) = self.enroll(name, netns) {
+                failures.push((name.clone(), error));
+            }
+        }
+        failures
+    }
+
+    /// A new config at run time (reload or Kubernetes): the workloads, the
+    /// L4 policy and the balanced services. Inbound interception stays as
+    /// it was started.
+    pub fn update(
+        &mut self,
+        config: &crate::config::Config,
+    ) -> Result<Vec<(String, EbpfError)>, EbpfError> {
+        let wanted: Vec<(String, PathBuf)> = config
+            .workloads
+            .iter()
+            .map(|w| (w.name.clone(), w.netns.value.clone()))
+            .collect();
+        let failures = self.sync_workloads(&wanted);
+        self.finish_enrollment();
+        let rules: Vec<ResolvedRule> = config
+            .policy
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| rule.resolve(i, &self.workloads))
+            .collect();
+        self.set_policy(&rules)?;
+        let services: Vec<ResolvedService> =
+            config.services.iter().map(|s| s.resolve(config)).collect();
+        self.set_services(&services)?;
+        Ok(failures)
+    }
+
+    /// The enrolled workload in `slot`.
+    pub fn workload_in_slot(&self, slot: u32) -> Option<&EnrolledWorkload> {
+        self.workloads.iter().find(|w| w.slot == slot)
     }
 
     /// After the configured workloads are enrolled: removes enrollments an

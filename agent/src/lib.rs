@@ -19,6 +19,7 @@ pub mod config;
 pub mod ebpf;
 pub mod filter_chain;
 pub mod http_proxy;
+pub mod kube;
 pub mod listener;
 pub mod metrics;
 pub mod module_fetch;

@@ -25,6 +25,14 @@ enum Command {
         /// The agent's YAML configuration.
         #[arg(long, short)]
         config: PathBuf,
+        /// Program the node from the Kubernetes API (in-cluster config, or
+        /// KUBECONFIG): pods, namespaces, services and WasmPlugins.
+        #[arg(long)]
+        kubernetes: bool,
+        /// This node's name in Kubernetes mode (default: $WISP_NODE_NAME,
+        /// then kubernetes.node_name in the config).
+        #[arg(long, requires = "kubernetes")]
+        node_name: Option<String>,
     },
     /// Validate a configuration file (and compile its plugins) without
     /// touching the kernel.
@@ -218,7 +226,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let config_path = match cli.command {
-        Command::Run { ref config } | Command::CheckConfig { ref config } => config.clone(),
+        Command::Run { ref config, .. } | Command::CheckConfig { ref config } => config.clone(),
         Command::Proxy(args) => {
             let quick = match (*args).into_quick_mode() {
                 Ok(quick) => quick,
@@ -251,7 +259,20 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run { .. } => wisp_agent::app::run(config, config_path.clone()),
+        Command::Run {
+            kubernetes,
+            node_name,
+            ..
+        } => {
+            let mode = match kubernetes_mode(kubernetes, node_name, &config) {
+                Ok(mode) => mode,
+                Err(error) => {
+                    eprintln!("wisp run: {error}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            wisp_agent::app::run(config, config_path.clone(), mode)
+        }
         Command::Proxy(_) | Command::Ebpf(_) => unreachable!("handled above"),
         Command::CheckConfig { .. } => wisp_agent::app::compile_plugins(
             &wisp_agent::app::plugin_sources(&config),
@@ -267,6 +288,24 @@ fn main() -> ExitCode {
         }),
     };
     exit(result)
+}
+
+/// `--kubernetes` with the node name from the flag, the environment or
+/// the config.
+fn kubernetes_mode(
+    kubernetes: bool,
+    node_name: Option<String>,
+    config: &Config,
+) -> Result<Option<wisp_agent::app::KubernetesMode>, wisp_agent::kube::KubeError> {
+    if !kubernetes {
+        return Ok(None);
+    }
+    let node_name = node_name
+        .or_else(|| std::env::var("WISP_NODE_NAME").ok())
+        .filter(|n| !n.is_empty())
+        .or_else(|| config.kubernetes.node_name.clone())
+        .ok_or(wisp_agent::kube::KubeError::NoNodeName)?;
+    Ok(Some(wisp_agent::app::KubernetesMode { node_name }))
 }
 
 fn exit(result: anyhow::Result<()>) -> ExitCode {

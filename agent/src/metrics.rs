@@ -9,8 +9,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::ebpf::Dataplane;
-
 /// Labels of a proxied HTTP request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -151,7 +149,7 @@ impl Metrics {
 }
 
 /// Reads the kernel programs' per-workload counters on each scrape.
-pub struct KernelCounters(pub Arc<Dataplane>);
+pub struct KernelCounters(pub crate::worker::SharedDataplane);
 
 impl std::fmt::Debug for KernelCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,7 +160,8 @@ impl std::fmt::Debug for KernelCounters {
 impl Collector for KernelCounters {
     fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // Per workload, per program and per policy rule: see ebpf::metrics.
-        crate::ebpf::metrics::encode(&self.0, encoder)
+        let dataplane = self.0.read().unwrap_or_else(|e| e.into_inner());
+        crate::ebpf::metrics::encode(&dataplane, encoder)
     }
 }
 

@@ -5,8 +5,11 @@
 //! A bad file changes nothing and is reported in the log and on `/metrics`.
 //!
 //! What a reload applies: the plugin chain (modules, configuration, failure
-//! policy, order). Listener addresses, workers, the admin address and the
-//! kernel side need a restart; a reload that changes them says so.
+//! policy, order), the enrolled workloads, the L4 policy and the balanced
+//! services. Listener addresses, workers, the admin address, the eBPF
+//! settings and inbound interception need a restart; a reload that changes
+//! them says so. The Kubernetes controller applies through the same
+//! [`Applier`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,23 +19,146 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::admin::AdminState;
-use crate::app::{load_plugins, plugin_sources};
+use crate::app::{compile_local_plugin, load_plugins, plugin_source, plugin_sources};
 use crate::config::Config;
 use crate::metrics::{Metrics, ReloadLabels};
 use crate::module_fetch::ModuleFetcher;
 use crate::plugins::ConfiguredPlugin;
-use crate::worker::build_chains;
+use crate::worker::{SharedDataplane, build_chains};
 
 /// How often the config file's modification time is checked.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
-pub struct Reloader {
-    pub path: PathBuf,
+/// Puts a new config in effect: the one path a file reload and the
+/// Kubernetes controller share. Plugins are compiled and instantiated once
+/// on a canary first; then the kernel side (workloads, policy, services) is
+/// updated and the workers swap their filter chains atomically.
+pub struct Applier {
     /// The config in effect.
     pub current: Config,
     pub plugins: watch::Sender<Arc<Vec<ConfiguredPlugin>>>,
     pub admin: Arc<AdminState>,
     pub metrics: Arc<Metrics>,
+    /// `None` in quick mode.
+    pub dataplane: Option<SharedDataplane>,
+    /// Plugins the Kubernetes controller already compiled and checked, by
+    /// their `plugins[]` entry (the module path names its digest there), so
+    /// applying them does not compile them again.
+    pub checked: std::collections::HashMap<String, ConfiguredPlugin>,
+}
+
+/// The cache key of a `plugins[]` entry.
+fn plugin_key(spec: &crate::config::PluginSpec) -> String {
+    serde_json::to_string(spec).unwrap_or_default()
+}
+
+impl Applier {
+    /// Applies `config`, counting the result on `/metrics`; on an error the
+    /// previous config stays in effect. Returns the number of plugins.
+    pub fn apply(&mut self, config: Config) -> anyhow::Result<usize> {
+        self.apply_loaded(config, None)
+    }
+
+    /// [`Applier::apply`] with the plugins already fetched and compiled
+    /// (`plugins`, in `config.plugins` order), as a file reload does.
+    pub fn apply_loaded(
+        &mut self,
+        config: Config,
+        plugins: Option<Vec<ConfiguredPlugin>>,
+    ) -> anyhow::Result<usize> {
+        let result = self.try_apply(config, plugins);
+        self.count(result.is_ok());
+        result
+    }
+
+    /// Counts one applied or rejected config on `/metrics`.
+    pub fn count(&self, applied: bool) {
+        let label = if applied { "applied" } else { "rejected" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&ReloadLabels {
+                result: label.into(),
+            })
+            .inc();
+    }
+
+    fn try_apply(
+        &mut self,
+        config: Config,
+        loaded: Option<Vec<ConfiguredPlugin>>,
+    ) -> anyhow::Result<usize> {
+        let plugins = match loaded {
+            Some(plugins) => plugins,
+            None => config
+                .plugins
+                .iter()
+                .enumerate()
+                .map(|(i, spec)| match self.checked.get(&plugin_key(spec)) {
+                    Some(plugin) => Ok(plugin.clone()),
+                    None => compile_local_plugin(&plugin_source(config.source.as_deref(), i, spec)),
+                })
+                .collect::<anyhow::Result<Vec<ConfiguredPlugin>>>()?,
+        };
+        let keep: std::collections::HashSet<String> =
+            config.plugins.iter().map(plugin_key).collect();
+        self.checked.retain(|key, _| keep.contains(key));
+        // The canary: if these plugins cannot start here, they would not
+        // start on any worker either.
+        build_chains(&plugins, Default::default())
+            .map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
+        for field in self.current.restart_only_changes(&config) {
+            tracing::warn!(field, "changed, but applies only after a restart");
+        }
+        let workload_names =
+            |c: &Config| -> Vec<String> { c.workloads.iter().map(|w| w.name.clone()).collect() };
+        if config.inbound.enabled && workload_names(&self.current) != workload_names(&config) {
+            tracing::warn!(
+                "inbound interception covers the workloads enrolled at start; restart to intercept the new set"
+            );
+        }
+        if let Some(dataplane) = &self.dataplane {
+            let mut dataplane = dataplane.write().unwrap_or_else(|e| e.into_inner());
+            let failures = dataplane.update(&config)?;
+            for (workload, error) in failures {
+                tracing::error!(workload, %error, "workload not enrolled");
+            }
+        }
+        let count = plugins.len();
+        self.plugins.send_replace(Arc::new(plugins));
+        if let Ok(mut dump) = self.admin.config_dump.write() {
+            *dump = serde_json::to_value(&config).unwrap_or_default();
+        }
+        self.current = config;
+        Ok(count)
+    }
+}
+
+/// The Kubernetes controller's view of the applier.
+impl crate::kube::controller::ConfigSink for Applier {
+    fn check_plugin(&mut self, plugin: &crate::config::PluginSpec) -> Result<(), String> {
+        let compiled =
+            compile_local_plugin(&plugin_source(None, 0, plugin)).map_err(|e| format!("{e:#}"))?;
+        build_chains(std::slice::from_ref(&compiled), Default::default())
+            .map_err(|e| format!("canary instance failed: {e}"))?;
+        self.checked.insert(plugin_key(plugin), compiled);
+        Ok(())
+    }
+
+    fn apply(&mut self, config: Config) -> Result<(), String> {
+        if let Err(error) = config.validate(std::path::Path::new("<kubernetes>")) {
+            self.count(false);
+            return Err(error.to_string());
+        }
+        Applier::apply(self, config)
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// Reloads the config file on SIGHUP or when it changes.
+pub struct Reloader {
+    pub path: PathBuf,
+    pub applier: Applier,
 }
 
 impl Reloader {
@@ -65,18 +191,13 @@ impl Reloader {
     }
 
     async fn reload(&mut self, trigger: &'static str) {
-        let result = self.try_reload().await;
-        let label = if result.is_ok() {
-            "applied"
-        } else {
-            "rejected"
+        let result = match self.load().await {
+            Ok((config, plugins)) => self.applier.apply_loaded(config, Some(plugins)),
+            Err(error) => {
+                self.applier.count(false);
+                Err(error)
+            }
         };
-        self.metrics
-            .config_reloads
-            .get_or_create(&ReloadLabels {
-                result: label.into(),
-            })
-            .inc();
         match result {
             Ok(plugins) => {
                 tracing::info!(trigger, path = %self.path.display(), plugins, "configuration reloaded")
@@ -88,30 +209,17 @@ impl Reloader {
             ),
         }
     }
+}
 
-    async fn try_reload(&mut self) -> anyhow::Result<usize> {
+impl Reloader {
+    /// Reads the file and fetches and compiles its plugins. A module that
+    /// cannot be fetched (server down, wrong sha256) fails the whole reload:
+    /// the previous chain stays, and the log says why.
+    async fn load(&self) -> anyhow::Result<(Config, Vec<ConfiguredPlugin>)> {
         let config = Config::load(&self.path)?;
-        // A module that cannot be fetched (server down, wrong sha256) fails
-        // the whole reload: the previous chain stays, and the log says why.
         let fetcher = ModuleFetcher::new(&config.modules)?;
         let plugins = load_plugins(&fetcher, &plugin_sources(&config)).await?;
-        // The canary: if these plugins cannot start here, they would not
-        // start on any worker either.
-        build_chains(&plugins, Default::default())
-            .map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
-        for field in self.current.restart_only_changes(&config) {
-            tracing::warn!(
-                field,
-                "changed in the file, but applies only after a restart"
-            );
-        }
-        let count = plugins.len();
-        self.plugins.send_replace(Arc::new(plugins));
-        if let Ok(mut dump) = self.admin.config_dump.write() {
-            *dump = serde_json::to_value(&config).unwrap_or_default();
-        }
-        self.current = config;
-        Ok(count)
+        Ok((config, plugins))
     }
 }
 

@@ -53,7 +53,12 @@ pub enum WorkerError {
 /// Where workers find the original destination of steered connections. Set
 /// once the kernel programs are attached (workers start before that, so
 /// steered connections never meet a closed port).
-pub type DataplaneCell = Arc<std::sync::OnceLock<Arc<Dataplane>>>;
+pub type DataplaneCell = Arc<std::sync::OnceLock<SharedDataplane>>;
+
+/// The kernel side, shared by the workers (read: original destinations) and
+/// the main thread (write: a reload or the Kubernetes controller changes
+/// the enrolled workloads, policy and services).
+pub type SharedDataplane = Arc<std::sync::RwLock<Dataplane>>;
 
 /// Everything a worker needs; cloned into each thread.
 #[derive(Clone)]
@@ -515,10 +520,10 @@ fn connection_info(
         Destination::Steered => {
             let steered = context.dataplane.get().and_then(|dataplane| {
                 let local = stream.local_addr().ok()?;
+                let dataplane = dataplane.read().unwrap_or_else(|e| e.into_inner());
                 let (destination, slot) = dataplane.take_original_dst(peer, local)?;
                 let workload = dataplane
-                    .workloads()
-                    .get(slot as usize)
+                    .workload_in_slot(slot)
                     .map_or_else(|| format!("slot-{slot}"), |w| w.name.clone());
                 Some((destination, workload))
             });

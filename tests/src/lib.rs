@@ -21,6 +21,7 @@
 //! * [`registry`]: a real OCI registry (Debian docker-registry) and oras pushes
 //! * [`pins`]: [`pins::PinGuard`], bpffs pins removed on drop
 //! * [`sockets`]: sockets opened in a pod's namespace from the test itself
+//! * [`kube_api`]: a mock Kubernetes API server on loopback, recording requests
 pub mod agent;
 pub mod artifacts;
 pub mod backend;
@@ -29,6 +30,7 @@ pub mod echo;
 pub mod envoy;
 pub mod file_server;
 pub mod http;
+pub mod kube_api;
 pub mod leftovers;
 pub mod load;
 pub mod loadgen;

@@ -13,6 +13,7 @@ mod bench_redirect;
 mod build;
 mod compare;
 mod demo;
+mod manifests;
 mod manifests_check;
 mod report;
 mod setup;
@@ -68,6 +69,12 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         render: Option<std::path::PathBuf>,
     },
+    /// Write the CRD YAML under manifests/crds/ from the Rust types.
+    Manifests {
+        /// Only check that the committed YAML is up to date.
+        #[arg(long)]
+        check: bool,
+    },
     /// Benchmarks; results go to docs/benchmarks.md.
     Bench {
         #[command(subcommand)]
@@ -105,6 +112,7 @@ fn main() -> std::process::ExitCode {
         Command::Build => setup::run(setup::Mode::Quiet).and_then(|()| build::all()),
         Command::Demo => demo::run(),
         Command::Test => test::run(),
+        Command::Manifests { check } => manifests::run(check),
         Command::Compare {
             pods,
             duration,

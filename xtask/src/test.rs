@@ -21,6 +21,9 @@ pub fn run() -> anyhow::Result<()> {
     step("cargo fmt --check");
     run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))?;
 
+    step("generated manifests are up to date");
+    crate::manifests::run(true)?;
+
     step("cargo clippy (host crates, all targets)");
     run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
 
