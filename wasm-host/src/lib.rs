@@ -80,6 +80,7 @@ pub mod abi;
 mod embedder;
 mod engine;
 mod error;
+mod guest;
 pub mod headers;
 mod hostcalls;
 mod instance;
@@ -99,6 +100,7 @@ mod test_guest;
 mod wasi;
 #[cfg(feature = "wasmedge")]
 pub mod wasmedge;
+mod wasmtime_vm;
 
 pub use abi::AbiVersion;
 pub use embedder::{
@@ -111,8 +113,8 @@ pub use headers::HeaderMap;
 pub use instance::PluginInstance;
 pub use limits::ResourceLimits;
 pub use plugin::{
-    FailurePolicy, IsolationMode, Plugin, PluginConfig, PluginCounters, SENSITIVE_HEADERS,
-    sha256_hex,
+    EngineKind, FailurePolicy, IsolationMode, Plugin, PluginConfig, PluginCounters,
+    SENSITIVE_HEADERS, sha256_hex,
 };
 pub use source::ModuleSource;
 pub use stream::{

@@ -22,8 +22,8 @@ use crate::error::Error;
 use crate::instance::PluginInstance;
 use crate::limits::ResourceLimits;
 use crate::link;
-use crate::state::HostState;
 use crate::supervisor::ReloadConfig;
+use crate::wasmtime_vm::WasmtimeState;
 
 /// What happens to a request when its plugin fails (Envoy's `failure_policy`).
 ///
@@ -73,6 +73,20 @@ pub enum IsolationMode {
     PerRequest,
 }
 
+/// The engine a plugin's instances run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// Wasmtime (Cranelift), the default and the only one built by default.
+    #[default]
+    Wasmtime,
+    /// WasmEdge, with the `wasmedge` cargo feature and libwasmedge installed
+    /// (see `wisp_wasm_host::wasmedge`). The module is still compiled and
+    /// checked with Wasmtime in [`Plugin::compile`], so load errors are the
+    /// same on both engines; instances and callbacks then run on WasmEdge.
+    WasmEdge,
+}
+
 /// Headers plugins do not see unless [`PluginConfig::allowed_sensitive_headers`]
 /// lists them.
 pub const SENSITIVE_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
@@ -106,6 +120,8 @@ pub struct PluginConfig {
     /// (lower-case names). Empty: none.
     pub allowed_sensitive_headers: Vec<String>,
     pub isolation: IsolationMode,
+    /// The engine instances run on (default Wasmtime).
+    pub engine: EngineKind,
 }
 
 impl PluginConfig {
@@ -173,7 +189,7 @@ struct Inner {
     abi: AbiVersion,
     module: Arc<Module>,
     /// Imports resolved and type-checked once; instantiation is then cheap.
-    pre: InstancePre<HostState>,
+    pre: InstancePre<WasmtimeState>,
     counters: Arc<PluginCounters>,
     code_sha256: [u8; 32],
 }
@@ -362,7 +378,7 @@ impl Plugin {
         PluginInstance::new(self.clone(), embedder)
     }
 
-    pub(crate) fn instance_pre(&self) -> &InstancePre<HostState> {
+    pub(crate) fn instance_pre(&self) -> &InstancePre<WasmtimeState> {
         &self.inner.pre
     }
 }
