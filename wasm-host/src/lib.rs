@@ -111,7 +111,7 @@ pub use engine::EPOCH_TICK;
 pub use error::Error;
 pub use headers::HeaderMap;
 pub use instance::PluginInstance;
-pub use limits::ResourceLimits;
+pub use limits::{PoolLimits, ResourceLimits};
 pub use plugin::{
     EngineKind, FailurePolicy, IsolationMode, Plugin, PluginConfig, PluginCounters,
     SENSITIVE_HEADERS, sha256_hex,

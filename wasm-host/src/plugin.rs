@@ -17,10 +17,10 @@ use wasmtime::{ExternType, InstancePre, Module, ValType};
 
 use crate::abi::AbiVersion;
 use crate::embedder::Embedder;
-use crate::engine;
+use crate::engine::{self, EngineKey};
 use crate::error::Error;
 use crate::instance::PluginInstance;
-use crate::limits::ResourceLimits;
+use crate::limits::{PoolLimits, ResourceLimits};
 use crate::link;
 use crate::supervisor::ReloadConfig;
 use crate::wasmtime_vm::WasmtimeState;
@@ -192,6 +192,10 @@ struct Inner {
     pre: InstancePre<WasmtimeState>,
     counters: Arc<PluginCounters>,
     code_sha256: [u8; 32],
+    /// Whether `module` was compiled on a pooling engine.
+    pooled: bool,
+    /// Why a per-request plugin does not use the pooling allocator.
+    pool_refusal: Option<String>,
 }
 
 /// Compiled modules by code hash, so plugins sharing code compile once.
@@ -208,6 +212,8 @@ struct CodeKey {
     code_sha256: [u8; 32],
     /// Fuel metering changes the generated code (another engine).
     fuel: bool,
+    /// Pooling allocation is another engine, too.
+    pooled: bool,
 }
 
 fn compile_cache() -> &'static CompileCache {
@@ -231,43 +237,50 @@ impl Plugin {
     /// Compiled modules are cached by code SHA-256: a second plugin with the
     /// same code (any vm_id or configuration) reuses the compiled code.
     pub fn compile(config: PluginConfig, wasm: &[u8]) -> Result<Plugin, Error> {
-        let plugin = || config.name.clone();
         let fuel = config.limits.fuel.is_some();
-        let engine = engine::get(fuel).map_err(|reason| Error::Engine {
-            plugin: plugin(),
-            reason: reason.to_owned(),
-        })?;
         let code_sha256: [u8; 32] = Sha256::digest(wasm).into();
-        let key = CodeKey { code_sha256, fuel };
-        let cached = compile_cache()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .and_then(Weak::upgrade);
-        let module = match cached {
-            Some(module) => module,
-            None => {
-                let module = Arc::new(Module::new(engine, wasm).map_err(|e| Error::Compile {
-                    plugin: plugin(),
-                    reason: format!("{e:#}"),
-                })?);
-                let mut cache = compile_cache()
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                cache.retain(|_, weak| weak.strong_count() > 0);
-                cache.insert(key, Arc::downgrade(&module));
-                module
+        // Per-request instances come from the pooling allocator when the
+        // plugin fits it; otherwise from on-demand allocation, saying why.
+        let mut pool_refusal = None;
+        let mut module = None;
+        if config.isolation == IsolationMode::PerRequest {
+            match pool_fit(&config.limits) {
+                Err(reason) => pool_refusal = Some(reason),
+                Ok(()) => match compile_cached(&config.name, wasm, code_sha256, fuel, true) {
+                    Ok(pooled) => module = Some(pooled),
+                    // The pool refuses modules whose initial memory or tables
+                    // exceed its slots; if on-demand compiles it, that was why.
+                    Err(error) => pool_refusal = Some(error.to_string()),
+                },
             }
+        }
+        let pooled = module.is_some();
+        let module = match module {
+            Some(module) => module,
+            None => compile_cached(&config.name, wasm, code_sha256, fuel, false)?,
         };
+        if let Some(reason) = &pool_refusal {
+            tracing::warn!(
+                plugin = %config.name,
+                "per-request instances use on-demand allocation, not the pool: {reason}"
+            );
+        }
 
         let function_exports = module
             .exports()
             .filter(|e| matches!(e.ty(), ExternType::Func(_)))
             .map(|e| e.name());
-        let abi = AbiVersion::from_function_exports(function_exports)
-            .ok_or_else(|| Error::UnknownAbiVersion { plugin: plugin() })?;
+        let abi = AbiVersion::from_function_exports(function_exports).ok_or_else(|| {
+            Error::UnknownAbiVersion {
+                plugin: config.name.clone(),
+            }
+        })?;
         check_required_exports(&module, &config.name)?;
-        Self::link(config, module, abi, code_sha256)
+        let mut plugin = Self::link(config, module, abi, code_sha256, pooled)?;
+        if let Some(inner) = Arc::get_mut(&mut plugin.inner) {
+            inner.pool_refusal = pool_refusal;
+        }
+        Ok(plugin)
     }
 
     /// Loads the module from `source` (checking its SHA-256 when one is
@@ -285,6 +298,19 @@ impl Plugin {
     /// configuration that needs other compiled code (fuel on/off) compiles anew.
     pub fn with_config(&self, config: PluginConfig) -> Result<Plugin, Error> {
         let fuel = config.limits.fuel.is_some();
+        // The module keeps its allocator: a pooled one must still fit the pool.
+        if self.inner.pooled {
+            pool_fit(&config.limits).map_err(|reason| Error::Compile {
+                plugin: config.name.clone(),
+                reason: format!("{reason}; use Plugin::compile to leave the pool"),
+            })?;
+        }
+        let pool_refusal = (config.isolation == IsolationMode::PerRequest && !self.inner.pooled)
+            .then(|| {
+                "the module was compiled without the pool (Plugin::with_config from a plugin \
+                 that is not per_request); use Plugin::compile"
+                    .to_owned()
+            });
         if fuel != self.inner.config.limits.fuel.is_some() {
             // Fuel metering is compiled into the code (another engine).
             return Err(Error::Compile {
@@ -294,12 +320,17 @@ impl Plugin {
                         .into(),
             });
         }
-        Self::link(
+        let mut plugin = Self::link(
             config,
             Arc::clone(&self.inner.module),
             self.inner.abi,
             self.inner.code_sha256,
-        )
+            self.inner.pooled,
+        )?;
+        if let Some(inner) = Arc::get_mut(&mut plugin.inner) {
+            inner.pool_refusal = pool_refusal;
+        }
+        Ok(plugin)
     }
 
     fn link(
@@ -307,6 +338,7 @@ impl Plugin {
         module: Arc<Module>,
         abi: AbiVersion,
         code_sha256: [u8; 32],
+        pooled: bool,
     ) -> Result<Plugin, Error> {
         let link_error = |e: wasmtime::Error| Error::Link {
             plugin: config.name.clone(),
@@ -325,6 +357,8 @@ impl Plugin {
                 pre,
                 counters,
                 code_sha256,
+                pooled,
+                pool_refusal: None,
             }),
         })
     }
@@ -378,6 +412,18 @@ impl Plugin {
         PluginInstance::new(self.clone(), embedder)
     }
 
+    /// Whether instances come from the pooling allocator (per-request
+    /// plugins that fit it, see [`PoolLimits`]).
+    pub fn uses_pool(&self) -> bool {
+        self.inner.pooled
+    }
+
+    /// For a per-request plugin that does not use the pool: which limit did
+    /// not fit (its instances then use on-demand allocation).
+    pub fn pool_refusal(&self) -> Option<&str> {
+        self.inner.pool_refusal.as_deref()
+    }
+
     pub(crate) fn instance_pre(&self) -> &InstancePre<WasmtimeState> {
         &self.inner.pre
     }
@@ -390,6 +436,57 @@ impl fmt::Debug for Plugin {
             .field("abi", &self.inner.abi)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `limits` fit a slot of the pooling allocator.
+fn pool_fit(limits: &ResourceLimits) -> Result<(), String> {
+    let slot = PoolLimits::DEFAULT.memory_bytes;
+    if limits.max_memory_bytes > slot {
+        return Err(format!(
+            "limits.max_memory_bytes ({} bytes) exceeds the pool's memory slot \
+             (PoolLimits::memory_bytes, {slot} bytes)",
+            limits.max_memory_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Compiles `wasm` on the engine for (`fuel`, `pooled`), or reuses the module
+/// a plugin with the same code compiled there.
+fn compile_cached(
+    plugin: &str,
+    wasm: &[u8],
+    code_sha256: [u8; 32],
+    fuel: bool,
+    pooled: bool,
+) -> Result<Arc<Module>, Error> {
+    let engine = engine::get(EngineKey { fuel, pooled }).map_err(|reason| Error::Engine {
+        plugin: plugin.to_owned(),
+        reason: reason.to_owned(),
+    })?;
+    let key = CodeKey {
+        code_sha256,
+        fuel,
+        pooled,
+    };
+    let cached = compile_cache()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&key)
+        .and_then(Weak::upgrade);
+    if let Some(module) = cached {
+        return Ok(module);
+    }
+    let module = Arc::new(Module::new(engine, wasm).map_err(|e| Error::Compile {
+        plugin: plugin.to_owned(),
+        reason: format!("{e:#}"),
+    })?);
+    let mut cache = compile_cache()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    cache.retain(|_, weak| weak.strong_count() > 0);
+    cache.insert(key, Arc::downgrade(&module));
+    Ok(module)
 }
 
 /// The guest must export its linear memory and an allocator we can hand data

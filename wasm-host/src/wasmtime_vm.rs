@@ -162,7 +162,7 @@ impl WasmtimeVm {
         // One memory and one instance, as cpp-host's Wasmtime limiter.
         let store_limits = StoreLimitsBuilder::new()
             .memory_size(limits.max_memory_bytes)
-            .table_elements(10_000)
+            .table_elements(crate::limits::PoolLimits::DEFAULT.table_elements)
             .instances(1)
             .memories(1)
             .tables(4)
