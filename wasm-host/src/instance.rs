@@ -23,6 +23,8 @@ use crate::embedder::{Embedder, HttpCallResponse};
 use crate::error::Error;
 use crate::guest::{Callback, GuestFailure, Vm};
 use crate::headers::HeaderMap;
+#[cfg(not(feature = "wasmedge"))]
+use crate::plugin::WASMEDGE_MISSING;
 use crate::plugin::{EngineKind, Plugin, PluginCounters};
 use crate::state::{CallScope, CalloutKind, ConfigPhase, ContextKind, HostState, Restriction};
 use crate::stream::{Action, HttpStream, PeerType, StreamRequest, TcpConnection};
@@ -42,14 +44,25 @@ pub struct PluginInstance {
 
 /// The VM of the engine the plugin chose ([`crate::PluginConfig::engine`]).
 /// One `match` per guest call; behind it everything is monomorphic.
+#[cfg_attr(
+    feature = "wasmedge",
+    expect(
+        clippy::large_enum_variant,
+        reason = "Wasmtime is the common case; boxing it would add an indirection per call"
+    )
+)]
 enum Backend {
     Wasmtime(WasmtimeVm),
+    #[cfg(feature = "wasmedge")]
+    WasmEdge(crate::wasmedge::WasmEdgeVm),
 }
 
 macro_rules! on_backend {
     ($self:expr, $vm:ident => $e:expr) => {
         match $self {
             Backend::Wasmtime($vm) => $e,
+            #[cfg(feature = "wasmedge")]
+            Backend::WasmEdge($vm) => $e,
         }
     };
 }
@@ -81,10 +94,16 @@ impl PluginInstance {
         let name = plugin.name().to_owned();
         let vm = match plugin.config().engine {
             EngineKind::Wasmtime => Backend::Wasmtime(WasmtimeVm::new(&plugin, embedder)?),
+            #[cfg(feature = "wasmedge")]
+            EngineKind::WasmEdge => {
+                Backend::WasmEdge(crate::wasmedge::WasmEdgeVm::new(&plugin, embedder)?)
+            }
+            // Plugin::compile refuses this already; kept for exhaustiveness.
+            #[cfg(not(feature = "wasmedge"))]
             EngineKind::WasmEdge => {
                 return Err(Error::Engine {
                     plugin: name,
-                    reason: "running instances on WasmEdge is not implemented yet".into(),
+                    reason: WASMEDGE_MISSING.into(),
                 });
             }
         };
@@ -773,6 +792,8 @@ impl PluginInstance {
     ) {
         match &mut self.vm {
             Backend::Wasmtime(vm) => vm.parts(),
+            #[cfg(feature = "wasmedge")]
+            Backend::WasmEdge(_) => unreachable!("the hostcall unit tests run on Wasmtime"),
         }
     }
 

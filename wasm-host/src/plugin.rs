@@ -87,6 +87,11 @@ pub enum EngineKind {
     WasmEdge,
 }
 
+/// Why a WasmEdge plugin cannot run in a build without the feature.
+#[cfg(not(feature = "wasmedge"))]
+pub(crate) const WASMEDGE_MISSING: &str =
+    "engine = WasmEdge needs wisp-wasm-host built with the `wasmedge` feature (and libwasmedge)";
+
 /// Headers plugins do not see unless [`PluginConfig::allowed_sensitive_headers`]
 /// lists them.
 pub const SENSITIVE_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
@@ -194,6 +199,9 @@ struct Inner {
     code_sha256: [u8; 32],
     /// Whether `module` was compiled on a pooling engine.
     pooled: bool,
+    /// The module loaded for WasmEdge, when the config chose that engine.
+    #[cfg(feature = "wasmedge")]
+    wasmedge: Option<Arc<crate::wasmedge::WasmEdgeModule>>,
     /// Why a per-request plugin does not use the pooling allocator.
     pool_refusal: Option<String>,
 }
@@ -276,9 +284,28 @@ impl Plugin {
             }
         })?;
         check_required_exports(&module, &config.name)?;
+        #[cfg(feature = "wasmedge")]
+        let wasmedge = match config.engine {
+            EngineKind::WasmEdge => Some(Arc::new(crate::wasmedge::WasmEdgeModule::load(
+                &config.name,
+                wasm,
+            )?)),
+            EngineKind::Wasmtime => None,
+        };
+        #[cfg(not(feature = "wasmedge"))]
+        if config.engine == EngineKind::WasmEdge {
+            return Err(Error::Engine {
+                plugin: config.name.clone(),
+                reason: WASMEDGE_MISSING.into(),
+            });
+        }
         let mut plugin = Self::link(config, module, abi, code_sha256, pooled)?;
         if let Some(inner) = Arc::get_mut(&mut plugin.inner) {
             inner.pool_refusal = pool_refusal;
+            #[cfg(feature = "wasmedge")]
+            {
+                inner.wasmedge = wasmedge;
+            }
         }
         Ok(plugin)
     }
@@ -311,6 +338,14 @@ impl Plugin {
                  that is not per_request); use Plugin::compile"
                     .to_owned()
             });
+        if config.engine == EngineKind::WasmEdge && !self.has_wasmedge_module() {
+            return Err(Error::Compile {
+                plugin: config.name.clone(),
+                reason:
+                    "switching to the WasmEdge engine needs the module bytes: use Plugin::compile"
+                        .into(),
+            });
+        }
         if fuel != self.inner.config.limits.fuel.is_some() {
             // Fuel metering is compiled into the code (another engine).
             return Err(Error::Compile {
@@ -329,6 +364,10 @@ impl Plugin {
         )?;
         if let Some(inner) = Arc::get_mut(&mut plugin.inner) {
             inner.pool_refusal = pool_refusal;
+            #[cfg(feature = "wasmedge")]
+            {
+                inner.wasmedge = self.inner.wasmedge.clone();
+            }
         }
         Ok(plugin)
     }
@@ -359,6 +398,8 @@ impl Plugin {
                 code_sha256,
                 pooled,
                 pool_refusal: None,
+                #[cfg(feature = "wasmedge")]
+                wasmedge: None,
             }),
         })
     }
@@ -422,6 +463,19 @@ impl Plugin {
     /// not fit (its instances then use on-demand allocation).
     pub fn pool_refusal(&self) -> Option<&str> {
         self.inner.pool_refusal.as_deref()
+    }
+
+    /// The module as loaded for WasmEdge (engine = WasmEdge only).
+    #[cfg(feature = "wasmedge")]
+    pub(crate) fn wasmedge_module(&self) -> Option<&crate::wasmedge::WasmEdgeModule> {
+        self.inner.wasmedge.as_deref()
+    }
+
+    fn has_wasmedge_module(&self) -> bool {
+        #[cfg(feature = "wasmedge")]
+        return self.inner.wasmedge.is_some();
+        #[cfg(not(feature = "wasmedge"))]
+        return false;
     }
 
     pub(crate) fn instance_pre(&self) -> &InstancePre<WasmtimeState> {
