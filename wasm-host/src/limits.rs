@@ -40,7 +40,7 @@ impl Default for ResourceLimits {
 /// A plugin uses the pool only if its [`ResourceLimits::max_memory_bytes`]
 /// fits a memory slot and its module's initial memory and tables fit too;
 /// otherwise its per-request instances use on-demand allocation and
-/// [`crate::Plugin::pooling`] names the limit that did not fit.
+/// [`crate::Plugin::pool_refusal`] names the limit that did not fit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PoolLimits {
     /// Instances (and memories) alive at once across all pooled plugins;
