@@ -198,3 +198,108 @@ pub(crate) trait Vm {
     /// The guest's linear memory size in bytes.
     fn memory_bytes(&self) -> usize;
 }
+
+#[cfg(test)]
+mod tests {
+    //! The seam is real: hostcalls run against a context that is no engine
+    //! at all, a byte vector and a bump allocator.
+
+    use super::HostContext;
+    use crate::abi::Status;
+    use crate::hostcalls::{self, Restricted, header_maps};
+    use crate::state::{HostState, Restriction};
+    use crate::stream::HttpStream;
+    use crate::{Embedder, Plugin, PluginConfig, pairs};
+
+    struct Bytes {
+        state: HostState,
+        memory: Vec<u8>,
+        heap: i32,
+        allocator_traps: bool,
+    }
+
+    impl HostContext for Bytes {
+        type Trap = String;
+        fn state(&self) -> &HostState {
+            &self.state
+        }
+        fn state_mut(&mut self) -> &mut HostState {
+            &mut self.state
+        }
+        fn memory(&self) -> &[u8] {
+            &self.memory
+        }
+        fn memory_mut(&mut self) -> &mut [u8] {
+            &mut self.memory
+        }
+        fn call_allocator(&mut self, size: i32) -> Option<Result<i32, String>> {
+            if self.allocator_traps {
+                return Some(Err("allocator trapped".into()));
+            }
+            let ptr = self.heap;
+            self.heap += size;
+            Some(Ok(ptr))
+        }
+    }
+
+    impl Restricted for Bytes {
+        fn host_trap(&mut self, message: String) -> String {
+            message
+        }
+        fn exit_trap(&mut self, code: i32) -> String {
+            format!("exit {code}")
+        }
+    }
+
+    fn bytes() -> Bytes {
+        let wat = r#"(module (memory (export "memory") 1)
+            (func (export "malloc") (param i32) (result i32) (i32.const 0))
+            (func (export "proxy_abi_version_0_2_1")))"#;
+        let plugin = Plugin::compile(PluginConfig::default(), wat.as_bytes()).unwrap();
+        let mut state = HostState::new(plugin, Embedder::default());
+        let mut stream = HttpStream::default();
+        stream.request_headers.add(":path", b"/seam");
+        stream.request_headers.add("x-a", b"1");
+        state.call.effective_context_id = 2;
+        state.call.stream = Some((2, stream));
+        Bytes {
+            state,
+            memory: vec![0; 4096],
+            heap: 1024,
+            allocator_traps: false,
+        }
+    }
+
+    fn get_pairs(g: &mut Bytes, ptr_ptr: i32, size_ptr: i32) -> Result<i32, String> {
+        hostcalls::dispatch(g, "proxy_get_header_map_pairs", |g| {
+            header_maps::get_pairs(g, 0, ptr_ptr, size_ptr)
+        })
+    }
+
+    fn u32_at(g: &Bytes, at: usize) -> usize {
+        u32::from_le_bytes(g.memory[at..at + 4].try_into().unwrap()) as usize
+    }
+
+    #[test]
+    fn hostcalls_run_without_an_engine() {
+        let mut g = bytes();
+        assert_eq!(get_pairs(&mut g, 16, 20), Ok(Status::Ok.code()));
+        let (ptr, size) = (u32_at(&g, 16), u32_at(&g, 20));
+        assert_eq!(ptr, 1024, "handed over through the guest allocator");
+        let map = pairs::deserialize(&g.memory[ptr..ptr + size]).unwrap();
+        assert_eq!(map[0], (":path".to_owned(), b"/seam".to_vec()));
+        assert_eq!(map[1], ("x-a".to_owned(), b"1".to_vec()));
+
+        // The same checks as on a real engine: a bad pointer is a status,
+        assert_eq!(
+            get_pairs(&mut g, 1 << 20, 20),
+            Ok(Status::InvalidMemoryAccess.code())
+        );
+        // a forbidden call inside the allocator and a trapping allocator unwind.
+        g.state.call.restriction = Restriction::Allocator;
+        assert!(get_pairs(&mut g, 16, 20).unwrap_err().contains("forbidden"));
+        g.state.call.restriction = Restriction::None;
+        g.allocator_traps = true;
+        assert_eq!(get_pairs(&mut g, 16, 20), Err("allocator trapped".into()));
+    }
+}
