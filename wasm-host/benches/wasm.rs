@@ -4,7 +4,10 @@
 //!   response headers, finish) through the SDK-built header filter on a shared
 //!   instance — the per-request cost of a header-rewriting filter;
 //! * `request/per-request-instance`: the same with a fresh instance per
-//!   request (per-request isolation); the difference is its overhead;
+//!   request (per-request isolation) from on-demand allocation; the
+//!   difference is its overhead; `…-pooled`: the same plugin configured
+//!   `IsolationMode::PerRequest`, whose instances come from the pooling
+//!   allocator;
 //! * `instantiate/<mode>`: creating an instance as each isolation mode does
 //!   (per worker / plugin / use all instantiate the same way; per request adds
 //!   a context on top), from a compiled `Plugin`;
@@ -16,7 +19,7 @@
 use std::path::PathBuf;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use wisp_wasm_host::{HttpStream, Plugin, PluginConfig};
+use wisp_wasm_host::{HttpStream, IsolationMode, Plugin, PluginConfig};
 
 fn module(name: &str) -> Vec<u8> {
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -37,12 +40,22 @@ fn module(name: &str) -> Vec<u8> {
 }
 
 fn header_filter() -> Plugin {
+    header_filter_with(IsolationMode::PerWorker)
+}
+
+/// With `PerRequest`, instances come from the pooling allocator.
+fn header_filter_with(isolation: IsolationMode) -> Plugin {
     let config = PluginConfig {
         name: "bench".into(),
         configuration: br#"{"header_value": "bench"}"#.to_vec(),
+        isolation,
         ..Default::default()
     };
-    Plugin::compile(config, &module("wisp_header_filter")).expect("compiles")
+    let plugin = Plugin::compile(config, &module("wisp_header_filter")).expect("compiles");
+    if isolation == IsolationMode::PerRequest {
+        assert!(plugin.uses_pool(), "{:?}", plugin.pool_refusal());
+    }
+    plugin
 }
 
 fn request() -> HttpStream {
@@ -89,6 +102,13 @@ fn requests(c: &mut Criterion) {
             one_request(&mut instance, &template);
         })
     });
+    let pooled = header_filter_with(IsolationMode::PerRequest);
+    group.bench_function("per-request-instance-pooled", |b| {
+        b.iter(|| {
+            let mut instance = pooled.instantiate().unwrap();
+            one_request(&mut instance, &template);
+        })
+    });
     group.finish();
 }
 
@@ -102,6 +122,13 @@ fn instantiation(c: &mut Criterion) {
     group.bench_function("per-request", |b| {
         b.iter(|| {
             let mut instance = plugin.instantiate().unwrap();
+            instance.create_http_context().unwrap()
+        })
+    });
+    let pooled = header_filter_with(IsolationMode::PerRequest);
+    group.bench_function("per-request-pooled", |b| {
+        b.iter(|| {
+            let mut instance = pooled.instantiate().unwrap();
             instance.create_http_context().unwrap()
         })
     });

@@ -32,3 +32,46 @@ impl Default for ResourceLimits {
         }
     }
 }
+
+/// The slots of the pooling allocator that per-request instances
+/// ([`crate::IsolationMode::PerRequest`]) come from: process-wide, reserved
+/// (as address space, not memory) when the first per-request plugin compiles.
+///
+/// A plugin uses the pool only if its [`ResourceLimits::max_memory_bytes`]
+/// fits a memory slot and its module's initial memory and tables fit too;
+/// otherwise its per-request instances use on-demand allocation and
+/// [`crate::Plugin::pool_refusal`] names the limit that did not fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolLimits {
+    /// Instances (and memories) alive at once across all pooled plugins;
+    /// past it instantiation fails with an error naming this limit.
+    pub instances: u32,
+    /// The linear memory slot: the default [`ResourceLimits::max_memory_bytes`].
+    pub memory_bytes: usize,
+    pub tables_per_instance: u32,
+    /// Table elements per table, as the on-demand store limits allow.
+    pub table_elements: usize,
+}
+
+impl PoolLimits {
+    /// What the pooling engines are built with.
+    pub const DEFAULT: PoolLimits = PoolLimits {
+        instances: 1000,
+        memory_bytes: 128 << 20,
+        tables_per_instance: 4,
+        table_elements: 10_000,
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pool_fits_the_default_limits() {
+        assert_eq!(
+            PoolLimits::DEFAULT.memory_bytes,
+            ResourceLimits::default().max_memory_bytes
+        );
+    }
+}

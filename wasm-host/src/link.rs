@@ -21,13 +21,13 @@ use wasmtime::{Engine, ExternType, IntoFunc, Linker, Module, Val, ValType};
 
 use crate::abi::{AbiVersion, Status};
 use crate::plugin::{PluginConfig, PluginCounters};
-use crate::state::HostState;
+use crate::wasmtime_vm::{WasmtimeState, wasmtime_func};
 use crate::{hostcalls, wasi};
 
 /// A [`Linker`] that remembers which functions it defines, so the leftovers
 /// of a module's import list can be stubbed.
 pub(crate) struct Imports {
-    linker: Linker<HostState>,
+    linker: Linker<WasmtimeState>,
     defined: HashSet<(&'static str, &'static str)>,
 }
 
@@ -36,7 +36,7 @@ impl Imports {
         &mut self,
         module: &'static str,
         name: &'static str,
-        func: impl IntoFunc<HostState, Params, Results>,
+        func: impl IntoFunc<WasmtimeState, Params, Results>,
     ) -> wasmtime::Result<()> {
         self.linker.func_wrap(module, name, func)?;
         self.defined.insert((module, name));
@@ -55,15 +55,15 @@ pub(crate) fn linker(
     abi: AbiVersion,
     config: &PluginConfig,
     counters: &Arc<PluginCounters>,
-) -> wasmtime::Result<Linker<HostState>> {
+) -> wasmtime::Result<Linker<WasmtimeState>> {
     let plugin = config.name.as_str();
     let mut imports = Imports {
         linker: Linker::new(engine),
         defined: HashSet::new(),
     };
-    hostcalls::add_to_linker(&mut imports, abi)?;
+    hostcalls::for_each_hostcall!(wasmtime_func!(imports), abi);
     for wasi_module in wasi::MODULES {
-        wasi::add_to_linker(&mut imports, wasi_module)?;
+        wasi::for_each_wasi!(wasmtime_func!(imports), wasi_module);
     }
 
     for import in module.imports() {
@@ -71,11 +71,7 @@ pub(crate) fn linker(
             continue;
         };
         let (module_name, name) = (import.module(), import.name());
-        let (unimplemented, label) = if module_name == hostcalls::MODULE {
-            (Status::Unimplemented.code(), "UNIMPLEMENTED")
-        } else if wasi::MODULES.contains(&module_name) {
-            (wasi::ERRNO_NOTSUP, "errno NOTSUP")
-        } else {
+        let Some((unimplemented, label)) = stub_answer(module_name) else {
             continue;
         };
         if imports.is_defined(module_name, name) {
@@ -92,12 +88,7 @@ pub(crate) fn linker(
         imports
             .linker
             .func_new(module_name, name, ty, move |_caller, _params, results| {
-                if !warned.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        plugin,
-                        "plugin called {what}, which wisp does not implement yet; returning {label} ({unimplemented})"
-                    );
-                }
+                warn_stub_once(&warned, &plugin, &what, label, unimplemented);
                 for (slot, ty) in results.iter_mut().zip(&result_types) {
                     *slot = match ty {
                         ValType::I32 => Val::I32(unimplemented),
@@ -111,12 +102,77 @@ pub(crate) fn linker(
     Ok(imports.linker)
 }
 
+/// What a stub for an unimplemented import of `module` returns: the code and
+/// its name, or `None` for a module that is neither `env` nor WASI.
+pub(crate) fn stub_answer(module: &str) -> Option<(i32, &'static str)> {
+    if module == hostcalls::MODULE {
+        Some((Status::Unimplemented.code(), "UNIMPLEMENTED"))
+    } else if wasi::MODULES.contains(&module) {
+        Some((wasi::ERRNO_NOTSUP, "errno NOTSUP"))
+    } else {
+        None
+    }
+}
+
+/// Logs the first call of stub `what`.
+pub(crate) fn warn_stub_once(
+    warned: &AtomicBool,
+    plugin: &str,
+    what: &str,
+    label: &str,
+    code: i32,
+) {
+    if !warned.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            plugin,
+            "plugin called {what}, which wisp does not implement yet; returning {label} ({code})"
+        );
+    }
+}
+
+/// If the allow-list forbids import `module.name`: the code the stub
+/// returns and whether it is a WASI function.
+pub(crate) fn restriction(config: &PluginConfig, module: &str, name: &str) -> Option<(i32, bool)> {
+    config.allowed_capabilities.as_ref()?;
+    let is_wasi = wasi::MODULES.contains(&module);
+    let is_proxy = module == hostcalls::MODULE && name.starts_with("proxy_");
+    if !(is_wasi || is_proxy) || config.allows_capability(name) {
+        return None;
+    }
+    let code = if is_wasi {
+        ERRNO_NOTCAPABLE
+    } else {
+        Status::InternalFailure.code()
+    };
+    Some((code, is_wasi))
+}
+
+/// Counts and logs one call of a restricted capability.
+pub(crate) fn note_restricted_call(
+    counters: &PluginCounters,
+    plugin: &str,
+    what: &str,
+    is_wasi: bool,
+    code: i32,
+) {
+    let counter = if is_wasi {
+        &counters.restricted_wasi_calls
+    } else {
+        &counters.restricted_hostcalls
+    };
+    PluginCounters::bump(counter);
+    tracing::warn!(
+        plugin,
+        "Attempted call to restricted capability {what}; returning {code}"
+    );
+}
+
 /// cpp-host's errno for a WASI call outside the allow-list.
 pub(crate) const ERRNO_NOTCAPABLE: i32 = 76;
 
 /// Shadows every import outside the capability allow-list with a stub.
 fn restrict(
-    linker: &mut Linker<HostState>,
+    linker: &mut Linker<WasmtimeState>,
     module: &Module,
     config: &PluginConfig,
     counters: &Arc<PluginCounters>,
@@ -130,30 +186,15 @@ fn restrict(
             continue;
         };
         let (module_name, name) = (import.module(), import.name());
-        let is_wasi = wasi::MODULES.contains(&module_name);
-        let is_proxy = module_name == hostcalls::MODULE && name.starts_with("proxy_");
-        if !(is_wasi || is_proxy) || config.allows_capability(name) {
+        let Some((code, is_wasi)) = restriction(config, module_name, name) else {
             continue;
-        }
-        let code = if is_wasi {
-            ERRNO_NOTCAPABLE
-        } else {
-            Status::InternalFailure.code()
         };
         let counters = Arc::clone(counters);
         let what = format!("{module_name}.{name}");
         let result_types: Vec<ValType> = ty.results().collect();
         linker.func_new(module_name, name, ty, move |caller, _params, results| {
-            let counter = if is_wasi {
-                &counters.restricted_wasi_calls
-            } else {
-                &counters.restricted_hostcalls
-            };
-            PluginCounters::bump(counter);
-            tracing::warn!(
-                plugin = caller.data().plugin_name(),
-                "Attempted call to restricted capability {what}; returning {code}"
-            );
+            let plugin = caller.data().host.plugin_name();
+            note_restricted_call(&counters, plugin, &what, is_wasi, code);
             for (slot, ty) in results.iter_mut().zip(&result_types) {
                 *slot = match ty {
                     ValType::I32 => Val::I32(code),

@@ -17,13 +17,13 @@ use wasmtime::{ExternType, InstancePre, Module, ValType};
 
 use crate::abi::AbiVersion;
 use crate::embedder::Embedder;
-use crate::engine;
+use crate::engine::{self, EngineKey};
 use crate::error::Error;
 use crate::instance::PluginInstance;
-use crate::limits::ResourceLimits;
+use crate::limits::{PoolLimits, ResourceLimits};
 use crate::link;
-use crate::state::HostState;
 use crate::supervisor::ReloadConfig;
+use crate::wasmtime_vm::WasmtimeState;
 
 /// What happens to a request when its plugin fails (Envoy's `failure_policy`).
 ///
@@ -73,6 +73,25 @@ pub enum IsolationMode {
     PerRequest,
 }
 
+/// The engine a plugin's instances run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineKind {
+    /// Wasmtime (Cranelift), the default and the only one built by default.
+    #[default]
+    Wasmtime,
+    /// WasmEdge, with the `wasmedge` cargo feature and libwasmedge installed
+    /// (see `wisp_wasm_host::wasmedge`). The module is still compiled and
+    /// checked with Wasmtime in [`Plugin::compile`], so load errors are the
+    /// same on both engines; instances and callbacks then run on WasmEdge.
+    WasmEdge,
+}
+
+/// Why a WasmEdge plugin cannot run in a build without the feature.
+#[cfg(not(feature = "wasmedge"))]
+pub(crate) const WASMEDGE_MISSING: &str =
+    "engine = WasmEdge needs wisp-wasm-host built with the `wasmedge` feature (and libwasmedge)";
+
 /// Headers plugins do not see unless [`PluginConfig::allowed_sensitive_headers`]
 /// lists them.
 pub const SENSITIVE_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
@@ -106,6 +125,8 @@ pub struct PluginConfig {
     /// (lower-case names). Empty: none.
     pub allowed_sensitive_headers: Vec<String>,
     pub isolation: IsolationMode,
+    /// The engine instances run on (default Wasmtime).
+    pub engine: EngineKind,
 }
 
 impl PluginConfig {
@@ -173,9 +194,16 @@ struct Inner {
     abi: AbiVersion,
     module: Arc<Module>,
     /// Imports resolved and type-checked once; instantiation is then cheap.
-    pre: InstancePre<HostState>,
+    pre: InstancePre<WasmtimeState>,
     counters: Arc<PluginCounters>,
     code_sha256: [u8; 32],
+    /// Whether `module` was compiled on a pooling engine.
+    pooled: bool,
+    /// The module loaded for WasmEdge, when the config chose that engine.
+    #[cfg(feature = "wasmedge")]
+    wasmedge: Option<Arc<crate::wasmedge::WasmEdgeModule>>,
+    /// Why a per-request plugin does not use the pooling allocator.
+    pool_refusal: Option<String>,
 }
 
 /// Compiled modules by code hash, so plugins sharing code compile once.
@@ -192,6 +220,8 @@ struct CodeKey {
     code_sha256: [u8; 32],
     /// Fuel metering changes the generated code (another engine).
     fuel: bool,
+    /// Pooling allocation is another engine, too.
+    pooled: bool,
 }
 
 fn compile_cache() -> &'static CompileCache {
@@ -215,43 +245,69 @@ impl Plugin {
     /// Compiled modules are cached by code SHA-256: a second plugin with the
     /// same code (any vm_id or configuration) reuses the compiled code.
     pub fn compile(config: PluginConfig, wasm: &[u8]) -> Result<Plugin, Error> {
-        let plugin = || config.name.clone();
         let fuel = config.limits.fuel.is_some();
-        let engine = engine::get(fuel).map_err(|reason| Error::Engine {
-            plugin: plugin(),
-            reason: reason.to_owned(),
-        })?;
         let code_sha256: [u8; 32] = Sha256::digest(wasm).into();
-        let key = CodeKey { code_sha256, fuel };
-        let cached = compile_cache()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .and_then(Weak::upgrade);
-        let module = match cached {
-            Some(module) => module,
-            None => {
-                let module = Arc::new(Module::new(engine, wasm).map_err(|e| Error::Compile {
-                    plugin: plugin(),
-                    reason: format!("{e:#}"),
-                })?);
-                let mut cache = compile_cache()
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                cache.retain(|_, weak| weak.strong_count() > 0);
-                cache.insert(key, Arc::downgrade(&module));
-                module
+        // Per-request instances come from the pooling allocator when the
+        // plugin fits it; otherwise from on-demand allocation, saying why.
+        let mut pool_refusal = None;
+        let mut module = None;
+        if config.isolation == IsolationMode::PerRequest {
+            match pool_fit(&config.limits) {
+                Err(reason) => pool_refusal = Some(reason),
+                Ok(()) => match compile_cached(&config.name, wasm, code_sha256, fuel, true) {
+                    Ok(pooled) => module = Some(pooled),
+                    // The pool refuses modules whose initial memory or tables
+                    // exceed its slots; if on-demand compiles it, that was why.
+                    Err(error) => pool_refusal = Some(error.to_string()),
+                },
             }
+        }
+        let pooled = module.is_some();
+        let module = match module {
+            Some(module) => module,
+            None => compile_cached(&config.name, wasm, code_sha256, fuel, false)?,
         };
+        if let Some(reason) = &pool_refusal {
+            tracing::warn!(
+                plugin = %config.name,
+                "per-request instances use on-demand allocation, not the pool: {reason}"
+            );
+        }
 
         let function_exports = module
             .exports()
             .filter(|e| matches!(e.ty(), ExternType::Func(_)))
             .map(|e| e.name());
-        let abi = AbiVersion::from_function_exports(function_exports)
-            .ok_or_else(|| Error::UnknownAbiVersion { plugin: plugin() })?;
+        let abi = AbiVersion::from_function_exports(function_exports).ok_or_else(|| {
+            Error::UnknownAbiVersion {
+                plugin: config.name.clone(),
+            }
+        })?;
         check_required_exports(&module, &config.name)?;
-        Self::link(config, module, abi, code_sha256)
+        #[cfg(feature = "wasmedge")]
+        let wasmedge = match config.engine {
+            EngineKind::WasmEdge => Some(Arc::new(crate::wasmedge::WasmEdgeModule::load(
+                &config.name,
+                wasm,
+            )?)),
+            EngineKind::Wasmtime => None,
+        };
+        #[cfg(not(feature = "wasmedge"))]
+        if config.engine == EngineKind::WasmEdge {
+            return Err(Error::Engine {
+                plugin: config.name.clone(),
+                reason: WASMEDGE_MISSING.into(),
+            });
+        }
+        let mut plugin = Self::link(config, module, abi, code_sha256, pooled)?;
+        if let Some(inner) = Arc::get_mut(&mut plugin.inner) {
+            inner.pool_refusal = pool_refusal;
+            #[cfg(feature = "wasmedge")]
+            {
+                inner.wasmedge = wasmedge;
+            }
+        }
+        Ok(plugin)
     }
 
     /// Loads the module from `source` (checking its SHA-256 when one is
@@ -269,6 +325,27 @@ impl Plugin {
     /// configuration that needs other compiled code (fuel on/off) compiles anew.
     pub fn with_config(&self, config: PluginConfig) -> Result<Plugin, Error> {
         let fuel = config.limits.fuel.is_some();
+        // The module keeps its allocator: a pooled one must still fit the pool.
+        if self.inner.pooled {
+            pool_fit(&config.limits).map_err(|reason| Error::Compile {
+                plugin: config.name.clone(),
+                reason: format!("{reason}; use Plugin::compile to leave the pool"),
+            })?;
+        }
+        let pool_refusal = (config.isolation == IsolationMode::PerRequest && !self.inner.pooled)
+            .then(|| {
+                "the module was compiled without the pool (Plugin::with_config from a plugin \
+                 that is not per_request); use Plugin::compile"
+                    .to_owned()
+            });
+        if config.engine == EngineKind::WasmEdge && !self.has_wasmedge_module() {
+            return Err(Error::Compile {
+                plugin: config.name.clone(),
+                reason:
+                    "switching to the WasmEdge engine needs the module bytes: use Plugin::compile"
+                        .into(),
+            });
+        }
         if fuel != self.inner.config.limits.fuel.is_some() {
             // Fuel metering is compiled into the code (another engine).
             return Err(Error::Compile {
@@ -278,12 +355,21 @@ impl Plugin {
                         .into(),
             });
         }
-        Self::link(
+        let mut plugin = Self::link(
             config,
             Arc::clone(&self.inner.module),
             self.inner.abi,
             self.inner.code_sha256,
-        )
+            self.inner.pooled,
+        )?;
+        if let Some(inner) = Arc::get_mut(&mut plugin.inner) {
+            inner.pool_refusal = pool_refusal;
+            #[cfg(feature = "wasmedge")]
+            {
+                inner.wasmedge = self.inner.wasmedge.clone();
+            }
+        }
+        Ok(plugin)
     }
 
     fn link(
@@ -291,6 +377,7 @@ impl Plugin {
         module: Arc<Module>,
         abi: AbiVersion,
         code_sha256: [u8; 32],
+        pooled: bool,
     ) -> Result<Plugin, Error> {
         let link_error = |e: wasmtime::Error| Error::Link {
             plugin: config.name.clone(),
@@ -309,6 +396,10 @@ impl Plugin {
                 pre,
                 counters,
                 code_sha256,
+                pooled,
+                pool_refusal: None,
+                #[cfg(feature = "wasmedge")]
+                wasmedge: None,
             }),
         })
     }
@@ -362,7 +453,32 @@ impl Plugin {
         PluginInstance::new(self.clone(), embedder)
     }
 
-    pub(crate) fn instance_pre(&self) -> &InstancePre<HostState> {
+    /// Whether instances come from the pooling allocator (per-request
+    /// plugins that fit it, see [`PoolLimits`]).
+    pub fn uses_pool(&self) -> bool {
+        self.inner.pooled
+    }
+
+    /// For a per-request plugin that does not use the pool: which limit did
+    /// not fit (its instances then use on-demand allocation).
+    pub fn pool_refusal(&self) -> Option<&str> {
+        self.inner.pool_refusal.as_deref()
+    }
+
+    /// The module as loaded for WasmEdge (engine = WasmEdge only).
+    #[cfg(feature = "wasmedge")]
+    pub(crate) fn wasmedge_module(&self) -> Option<&crate::wasmedge::WasmEdgeModule> {
+        self.inner.wasmedge.as_deref()
+    }
+
+    fn has_wasmedge_module(&self) -> bool {
+        #[cfg(feature = "wasmedge")]
+        return self.inner.wasmedge.is_some();
+        #[cfg(not(feature = "wasmedge"))]
+        return false;
+    }
+
+    pub(crate) fn instance_pre(&self) -> &InstancePre<WasmtimeState> {
         &self.inner.pre
     }
 }
@@ -374,6 +490,57 @@ impl fmt::Debug for Plugin {
             .field("abi", &self.inner.abi)
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `limits` fit a slot of the pooling allocator.
+fn pool_fit(limits: &ResourceLimits) -> Result<(), String> {
+    let slot = PoolLimits::DEFAULT.memory_bytes;
+    if limits.max_memory_bytes > slot {
+        return Err(format!(
+            "limits.max_memory_bytes ({} bytes) exceeds the pool's memory slot \
+             (PoolLimits::memory_bytes, {slot} bytes)",
+            limits.max_memory_bytes
+        ));
+    }
+    Ok(())
+}
+
+/// Compiles `wasm` on the engine for (`fuel`, `pooled`), or reuses the module
+/// a plugin with the same code compiled there.
+fn compile_cached(
+    plugin: &str,
+    wasm: &[u8],
+    code_sha256: [u8; 32],
+    fuel: bool,
+    pooled: bool,
+) -> Result<Arc<Module>, Error> {
+    let engine = engine::get(EngineKey { fuel, pooled }).map_err(|reason| Error::Engine {
+        plugin: plugin.to_owned(),
+        reason: reason.to_owned(),
+    })?;
+    let key = CodeKey {
+        code_sha256,
+        fuel,
+        pooled,
+    };
+    let cached = compile_cache()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(&key)
+        .and_then(Weak::upgrade);
+    if let Some(module) = cached {
+        return Ok(module);
+    }
+    let module = Arc::new(Module::new(engine, wasm).map_err(|e| Error::Compile {
+        plugin: plugin.to_owned(),
+        reason: format!("{e:#}"),
+    })?);
+    let mut cache = compile_cache()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    cache.retain(|_, weak| weak.strong_count() > 0);
+    cache.insert(key, Arc::downgrade(&module));
+    Ok(module)
 }
 
 /// The guest must export its linear memory and an allocator we can hand data

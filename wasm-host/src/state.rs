@@ -1,5 +1,5 @@
-//! [`HostState`]: what a plugin instance's `Store` holds, i.e. everything a
-//! hostcall can see.
+//! [`HostState`]: what a plugin instance holds on any engine, i.e. everything
+//! a hostcall can see (engine handles live in the backend, see [`crate::guest`]).
 //!
 //! The store owns no borrowed data: the embedder's [`HttpStream`] (or
 //! [`TcpConnection`]) is moved in for the duration of one callback
@@ -8,8 +8,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
-
-use wasmtime::{Memory, StoreLimits, TypedFunc};
 
 use crate::abi::AbiVersion;
 use crate::embedder::{Embedder, HttpCallResponse};
@@ -109,9 +107,6 @@ pub(crate) struct CallScope {
 
 pub(crate) struct HostState {
     pub plugin: Plugin,
-    /// Filled in right after instantiation.
-    pub memory: Option<Memory>,
-    pub allocator: Option<TypedFunc<i32, i32>>,
     /// Live contexts by id; ids start at 1 and are never reused.
     pub contexts: BTreeMap<u32, ContextKind>,
     pub root_context_id: u32,
@@ -123,8 +118,6 @@ pub(crate) struct HostState {
     pub embedder: Embedder,
     /// Shared queues this instance registered wake it through this.
     pub queue_owner: Arc<QueueOwner>,
-    /// Linear memory (and table) limits of this store.
-    pub limits: StoreLimits,
     /// Callouts in flight, by token: kind and the context that started it.
     pub callouts: HashMap<u32, (CalloutKind, u32)>,
     pub last_callout_index: u32,
@@ -137,12 +130,10 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
-    pub fn new(plugin: Plugin, embedder: Embedder, limits: StoreLimits) -> Self {
+    pub fn new(plugin: Plugin, embedder: Embedder) -> Self {
         let waker = embedder.queue_waker.clone();
         HostState {
             plugin,
-            memory: None,
-            allocator: None,
             contexts: BTreeMap::new(),
             root_context_id: 0,
             call: CallScope::default(),
@@ -150,7 +141,6 @@ impl HostState {
             stream_requests: Vec::new(),
             embedder,
             queue_owner: QueueOwner::new(waker),
-            limits,
             callouts: HashMap::new(),
             last_callout_index: 0,
             properties: HashMap::new(),

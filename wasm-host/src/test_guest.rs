@@ -191,7 +191,7 @@ impl Guest {
     }
 
     pub fn state(&mut self) -> &mut HostState {
-        self.instance.parts().0.data_mut()
+        &mut self.instance.parts().0.data_mut().host
     }
 
     /// Calls the re-exported import `module.name`.

@@ -21,18 +21,17 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 use rand::RngCore;
-use wasmtime::Caller;
 
 use crate::abi::LogLevel;
-use crate::hostcalls::{check_restriction, logging};
-use crate::link::Imports;
+use crate::guest::HostContext;
+use crate::hostcalls::logging;
 use crate::memory::{self, GuestError};
 use crate::state::HostState;
 
 /// The module names WASI preview 1 is imported from.
 pub(crate) const MODULES: [&str; 2] = ["wasi_snapshot_preview1", "wasi_unstable"];
 
-const ERRNO_SUCCESS: i32 = 0;
+pub(crate) const ERRNO_SUCCESS: i32 = 0;
 const ERRNO_BADF: i32 = 8;
 const ERRNO_FAULT: i32 = 21;
 const ERRNO_INVAL: i32 = 28;
@@ -64,88 +63,90 @@ type Errno = Result<(), i32>;
 
 /// Any guest-memory failure in a WASI call is `FAULT` (WASI calls never
 /// allocate in the guest, so there is no trap to carry).
-impl From<GuestError> for i32 {
-    fn from(_: GuestError) -> i32 {
+impl<T> From<GuestError<T>> for i32 {
+    fn from(_: GuestError<T>) -> i32 {
         ERRNO_FAULT
     }
 }
 
-fn errno(result: Errno) -> i32 {
+pub(crate) fn errno(result: Errno) -> i32 {
     match result {
         Ok(()) => ERRNO_SUCCESS,
         Err(errno) => errno,
     }
 }
 
-pub(crate) fn add_to_linker(imports: &mut Imports, module: &'static str) -> wasmtime::Result<()> {
-    imports.func(
-        module,
-        "fd_write",
-        |mut c: Caller<'_, HostState>, fd: i32, iovs: i32, iovs_len: i32, nwritten: i32| {
-            errno(fd_write(&mut c, fd, iovs, iovs_len, nwritten))
-        },
-    )?;
-    imports.func(
-        module,
-        "clock_time_get",
-        |mut c: Caller<'_, HostState>, id: i32, _precision: i64, time: i32| {
-            errno(clock_time_get(&mut c, id, time))
-        },
-    )?;
-    imports.func(
-        module,
-        "random_get",
-        |mut c: Caller<'_, HostState>, buf: i32, len: i32| -> wasmtime::Result<i32> {
-            check_restriction(&c, "random_get")?;
-            Ok(errno(random_get(&mut c, buf, len)))
-        },
-    )?;
-    imports.func(
-        module,
-        "environ_sizes_get",
-        |mut c: Caller<'_, HostState>, count: i32, size: i32| -> wasmtime::Result<i32> {
-            check_restriction(&c, "environ_sizes_get")?;
-            Ok(errno(environ_sizes_get(&mut c, count, size)))
-        },
-    )?;
-    imports.func(
-        module,
-        "environ_get",
-        |mut c: Caller<'_, HostState>, environ: i32, buf: i32| -> wasmtime::Result<i32> {
-            check_restriction(&c, "environ_get")?;
-            Ok(errno(environ_get(&mut c, environ, buf)))
-        },
-    )?;
-    imports.func(
-        module,
-        "args_sizes_get",
-        |mut c: Caller<'_, HostState>, argc: i32, size: i32| -> wasmtime::Result<i32> {
-            check_restriction(&c, "args_sizes_get")?;
-            Ok(errno(args_sizes_get(&mut c, argc, size)))
-        },
-    )?;
-    imports.func(
-        module,
-        "args_get",
-        |_: Caller<'_, HostState>, _argv: i32, _buf: i32| ERRNO_SUCCESS,
-    )?;
-    imports.func(
-        module,
-        "proc_exit",
-        |c: Caller<'_, HostState>, code: i32| -> wasmtime::Result<()> {
-            check_restriction(&c, "proc_exit")?;
-            Err(wasmtime::Error::new(ProcExit(code)))
-        },
-    )?;
-    imports.func(module, "sched_yield", |_: Caller<'_, HostState>| {
-        ERRNO_SUCCESS
-    })?;
-    Ok(())
+/// Expands `$m!($imports, module, name, |g, args..| -> ret { body })` for
+/// every WASI function under `$module` (see [`crate::hostcalls::for_each_hostcall!`]).
+macro_rules! for_each_wasi {
+    ($m:ident!($imports:expr), $module:expr) => {{
+        use $crate::wasi::{self as wasi, ERRNO_SUCCESS};
+        let module: &'static str = $module;
+        $m!($imports, module, "fd_write", |g,
+                                           fd: i32,
+                                           iovs: i32,
+                                           iovs_len: i32,
+                                           nwritten: i32|
+         -> i32 {
+            Ok(wasi::errno(wasi::fd_write(g, fd, iovs, iovs_len, nwritten)))
+        });
+        $m!($imports, module, "clock_time_get", |g,
+                                                 id: i32,
+                                                 _precision: i64,
+                                                 time: i32|
+         -> i32 {
+            Ok(wasi::errno(wasi::clock_time_get(g, id, time)))
+        });
+        $m!($imports, module, "random_get", |g,
+                                             buf: i32,
+                                             len: i32|
+         -> i32 {
+            $crate::hostcalls::check_restriction(g, "random_get")?;
+            Ok(wasi::errno(wasi::random_get(g, buf, len)))
+        });
+        $m!($imports, module, "environ_sizes_get", |g,
+                                                    count: i32,
+                                                    size: i32|
+         -> i32 {
+            $crate::hostcalls::check_restriction(g, "environ_sizes_get")?;
+            Ok(wasi::errno(wasi::environ_sizes_get(g, count, size)))
+        });
+        $m!($imports, module, "environ_get", |g,
+                                              environ: i32,
+                                              buf: i32|
+         -> i32 {
+            $crate::hostcalls::check_restriction(g, "environ_get")?;
+            Ok(wasi::errno(wasi::environ_get(g, environ, buf)))
+        });
+        $m!($imports, module, "args_sizes_get", |g,
+                                                 argc: i32,
+                                                 size: i32|
+         -> i32 {
+            $crate::hostcalls::check_restriction(g, "args_sizes_get")?;
+            Ok(wasi::errno(wasi::args_sizes_get(g, argc, size)))
+        });
+        $m!($imports, module, "args_get", |g,
+                                           _argv: i32,
+                                           _buf: i32|
+         -> i32 {
+            let _ = g;
+            Ok(ERRNO_SUCCESS)
+        });
+        $m!($imports, module, "proc_exit", |g, code: i32| -> () {
+            $crate::hostcalls::check_restriction(g, "proc_exit")?;
+            Err($crate::hostcalls::Restricted::exit_trap(g, code))
+        });
+        $m!($imports, module, "sched_yield", |g| -> i32 {
+            let _ = g;
+            Ok(ERRNO_SUCCESS)
+        });
+    }};
 }
+pub(crate) use for_each_wasi;
 
 /// `fd_write(fd, iovs, iovs_len, nwritten)`: stdout and stderr become plugin logs.
-fn fd_write(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn fd_write<G: HostContext>(
+    caller: &mut G,
     fd: i32,
     iovs: i32,
     iovs_len: i32,
@@ -176,7 +177,7 @@ fn fd_write(
         message.pop();
     }
     if !message.is_empty() {
-        let state = caller.data();
+        let state = caller.state();
         logging::emit(
             state.plugin_name(),
             state.call.effective_context_id,
@@ -190,7 +191,7 @@ fn fd_write(
 
 /// `clock_time_get(id, precision, time)`: nanoseconds since the Unix epoch
 /// (REALTIME) or since an arbitrary fixed point in this process (MONOTONIC).
-fn clock_time_get(caller: &mut Caller<'_, HostState>, id: i32, time_ptr: i32) -> Errno {
+pub(crate) fn clock_time_get<G: HostContext>(caller: &mut G, id: i32, time_ptr: i32) -> Errno {
     let now = match id {
         CLOCK_REALTIME => crate::hostcalls::context::unix_time_nanos(),
         CLOCK_MONOTONIC => {
@@ -205,7 +206,7 @@ fn clock_time_get(caller: &mut Caller<'_, HostState>, id: i32, time_ptr: i32) ->
 }
 
 /// `random_get(buf, len)`: cryptographically secure bytes.
-fn random_get(caller: &mut Caller<'_, HostState>, buf: i32, len: i32) -> Errno {
+pub(crate) fn random_get<G: HostContext>(caller: &mut G, buf: i32, len: i32) -> Errno {
     let len = len as u32 as usize;
     if len > RANDOM_GET_MAX_BYTES {
         return Err(ERRNO_INVAL);
@@ -228,8 +229,12 @@ fn environment(state: &HostState) -> Vec<Vec<u8>> {
 }
 
 /// `environ_sizes_get(count, buf_size)`.
-fn environ_sizes_get(caller: &mut Caller<'_, HostState>, count_ptr: i32, size_ptr: i32) -> Errno {
-    let env = environment(caller.data());
+pub(crate) fn environ_sizes_get<G: HostContext>(
+    caller: &mut G,
+    count_ptr: i32,
+    size_ptr: i32,
+) -> Errno {
+    let env = environment(caller.state());
     let size: usize = env.iter().map(Vec::len).sum();
     memory::write_u32(
         caller,
@@ -246,10 +251,10 @@ fn environ_sizes_get(caller: &mut Caller<'_, HostState>, count_ptr: i32, size_pt
 
 /// `environ_get(environ, buf)`: pointers to each string go to `environ`, the
 /// strings themselves to `buf`, sized as `environ_sizes_get` said.
-fn environ_get(caller: &mut Caller<'_, HostState>, environ_ptr: i32, buf_ptr: i32) -> Errno {
+pub(crate) fn environ_get<G: HostContext>(caller: &mut G, environ_ptr: i32, buf_ptr: i32) -> Errno {
     let mut slot = environ_ptr;
     let mut buf = buf_ptr;
-    for entry in environment(caller.data()) {
+    for entry in environment(caller.state()) {
         memory::write_u32(caller, slot, buf as u32)?;
         memory::write(caller, buf, &entry)?;
         slot = offset(slot, 4)?;
@@ -267,7 +272,11 @@ fn offset(ptr: i32, delta: u64) -> Result<i32, i32> {
 }
 
 /// `args_sizes_get(argc, buf_size)`: a plugin has no arguments.
-fn args_sizes_get(caller: &mut Caller<'_, HostState>, argc_ptr: i32, size_ptr: i32) -> Errno {
+pub(crate) fn args_sizes_get<G: HostContext>(
+    caller: &mut G,
+    argc_ptr: i32,
+    size_ptr: i32,
+) -> Errno {
     memory::write_u32(caller, argc_ptr, 0)?;
     memory::write_u32(caller, size_ptr, 0)?;
     Ok(())

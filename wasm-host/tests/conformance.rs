@@ -2,6 +2,10 @@
 //! proxy-wasm Rust SDK 0.2.5) through the host with an in-memory embedder,
 //! for both `wasm32-wasip1` and `wasm32-unknown-unknown` builds.
 //!
+//! Every test runs on each engine of [`embedder::engines`] (Wasmtime, plus
+//! WasmEdge where `WASMEDGE_DIR` is set) × both targets; a "target" below is
+//! `<engine>/<wasm target>`, which also keeps vm_ids apart per engine.
+//!
 //! Build the modules first with `cargo xtask build-filters`; a missing module
 //! fails the tests rather than skipping them.
 
@@ -11,14 +15,49 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use embedder::{TestEmbedder, module};
+use embedder::{TestEmbedder, engines, module};
 use wisp_wasm_host::{
-    Action, Error, HeaderMap, HttpCallResponse, HttpStream, PeerType, Plugin, PluginConfig,
-    PluginInstance, StreamRequest, StreamRequestKind, TcpConnection, abi::StreamType, metrics,
-    shared,
+    Action, EngineKind, Error, HeaderMap, HttpCallResponse, HttpStream, PeerType, Plugin,
+    PluginConfig, PluginInstance, StreamRequest, StreamRequestKind, TcpConnection, abi::StreamType,
+    metrics, shared,
 };
 
-const TARGETS: [&str; 2] = ["wasm32-wasip1", "wasm32-unknown-unknown"];
+const WASM_TARGETS: [&str; 2] = ["wasm32-wasip1", "wasm32-unknown-unknown"];
+
+/// Every `<engine>/<wasm target>` this run covers.
+fn targets() -> Vec<&'static str> {
+    static TARGETS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    TARGETS
+        .get_or_init(|| {
+            engines()
+                .into_iter()
+                .flat_map(|engine| {
+                    WASM_TARGETS.map(|target| {
+                        &*Box::leak(format!("{}/{target}", engine_name(engine)).into_boxed_str())
+                    })
+                })
+                .collect()
+        })
+        .clone()
+}
+
+fn engine_name(engine: EngineKind) -> &'static str {
+    match engine {
+        EngineKind::WasmEdge => "wasmedge",
+        _ => "wasmtime",
+    }
+}
+
+/// `<engine>/<wasm target>` → its parts.
+fn split(target: &str) -> (EngineKind, &str) {
+    let (engine, wasm_target) = target.split_once('/').expect("engine/target");
+    let engine = if engine == "wasmedge" {
+        EngineKind::WasmEdge
+    } else {
+        EngineKind::Wasmtime
+    };
+    (engine, wasm_target)
+}
 
 /// A plugin with its own vm_id (shared data and queues are per vm_id and
 /// process-wide, so tests must not share one).
@@ -29,6 +68,7 @@ fn plugin(target: &str, test: &str, root_id: &str, configuration: &str) -> Plugi
         vm_id: format!("{test}-{target}"),
         configuration: configuration.as_bytes().to_vec(),
         vm_configuration: b"vm-config-bytes".to_vec(),
+        engine: split(target).0,
         ..Default::default()
     };
     compiled(target)
@@ -46,11 +86,13 @@ fn compiled(target: &str) -> Plugin {
         .unwrap()
         .entry(target.to_owned())
         .or_insert_with(|| {
-            Plugin::compile(
-                PluginConfig::default(),
-                module(target, "wisp_conformance_filter"),
-            )
-            .expect("the filter compiles")
+            let (engine, wasm_target) = split(target);
+            let config = PluginConfig {
+                engine,
+                ..Default::default()
+            };
+            Plugin::compile(config, module(wasm_target, "wisp_conformance_filter"))
+                .expect("the filter compiles")
         })
         .clone()
 }
@@ -101,7 +143,7 @@ fn shared_string(vm_id: &str, key: &str) -> String {
 
 #[test]
 fn start_up_reads_configuration_and_rejects_bad_config() {
-    for target in TARGETS {
+    for target in targets() {
         let (instance, _) = start(target, "startup");
         assert_eq!(
             shared_string(&format!("startup-{target}"), "vm_config"),
@@ -118,7 +160,7 @@ fn start_up_reads_configuration_and_rejects_bad_config() {
 
 #[test]
 fn header_map_calls() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, _) = start(target, "headers");
         let mut stream = request("/headers");
         let (id, action) = headers(&mut instance, &mut stream);
@@ -144,7 +186,7 @@ fn header_map_calls() {
 
 #[test]
 fn local_response() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, _) = start(target, "local");
         let mut stream = request("/local");
         let (_, action) = headers(&mut instance, &mut stream);
@@ -158,7 +200,7 @@ fn local_response() {
 
 #[test]
 fn bodies_are_buffered_and_rewritten() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, _) = start(target, "body");
         let mut stream = request("/body");
         let id = instance.create_http_context().unwrap();
@@ -194,7 +236,7 @@ fn bodies_are_buffered_and_rewritten() {
 
 #[test]
 fn trailers() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, _) = start(target, "trailers");
         let mut stream = request("/trailers");
         let (id, _) = headers(&mut instance, &mut stream);
@@ -217,7 +259,7 @@ fn trailers() {
 
 #[test]
 fn properties() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, _) = start(target, "properties");
         let mut stream = request("/properties");
         headers(&mut instance, &mut stream);
@@ -232,7 +274,7 @@ fn properties() {
 
 #[test]
 fn shared_data_with_cas_across_instances() {
-    for target in TARGETS {
+    for target in targets() {
         let mut instances = [start(target, "shared").0, start(target, "shared").0];
         for (n, which) in [0, 1, 0].into_iter().enumerate() {
             let mut stream = request("/shared");
@@ -247,7 +289,7 @@ fn shared_data_with_cas_across_instances() {
 
 #[test]
 fn shared_queue_wakes_the_owning_instance() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut owner, embedder) = start(target, "queue");
         // Another worker's instance of the same VM enqueues.
         let (mut producer, _) = start(target, "queue");
@@ -277,7 +319,7 @@ fn shared_queue_wakes_the_owning_instance() {
 
 #[test]
 fn queue_waker_fires_for_the_owner() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut owner, embedder) = start(target, "waker");
         let mut stream = request("/queue");
         stream.request_headers.add("x-item", b"job-2");
@@ -294,7 +336,7 @@ fn queue_waker_fires_for_the_owner() {
 
 #[test]
 fn metrics_reach_the_registry_and_the_sink() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, embedder) = start(target, "metrics");
         let mut stream = request("/metrics");
         headers(&mut instance, &mut stream);
@@ -322,7 +364,7 @@ fn metrics_reach_the_registry_and_the_sink() {
 
 #[test]
 fn http_call_pauses_and_the_answer_resumes_the_stream() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, embedder) = start(target, "callout");
         let mut stream = request("/callout");
         stream.request_headers.add("x-callout-body", b"payload");
@@ -375,7 +417,7 @@ fn http_call_pauses_and_the_answer_resumes_the_stream() {
 
 #[test]
 fn failed_and_refused_http_calls() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, embedder) = start(target, "callout-fail");
         let mut stream = request("/callout");
         headers(&mut instance, &mut stream);
@@ -414,7 +456,7 @@ fn failed_and_refused_http_calls() {
 
 #[test]
 fn grpc_call_success_and_failure() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, embedder) = start(target, "grpc");
         let mut stream = request("/grpc");
         let (id, action) = headers(&mut instance, &mut stream);
@@ -467,7 +509,7 @@ fn grpc_call_success_and_failure() {
 
 #[test]
 fn foreign_functions_both_ways() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, _) = start(target, "foreign");
         let mut stream = request("/foreign");
         headers(&mut instance, &mut stream);
@@ -486,7 +528,7 @@ fn foreign_functions_both_ways() {
 
 #[test]
 fn time_and_logging() {
-    for target in TARGETS {
+    for target in targets() {
         let (mut instance, _) = start(target, "time");
         let mut stream = request("/time");
         headers(&mut instance, &mut stream);
@@ -497,7 +539,7 @@ fn time_and_logging() {
 
 #[test]
 fn ticks() {
-    for target in TARGETS {
+    for target in targets() {
         let embedder = TestEmbedder::default();
         let mut instance = plugin(target, "tick", "http", "25")
             .instantiate_with(embedder.embedder())
@@ -519,7 +561,7 @@ fn ticks() {
 
 #[test]
 fn tcp_filter() {
-    for target in TARGETS {
+    for target in targets() {
         let mut instance = plugin(target, "tcp", "tcp", "").instantiate().unwrap();
         let mut conn = TcpConnection::default();
         conn.properties

@@ -54,6 +54,21 @@ fn plugins_are_shareable_and_instances_movable() {
     send_sync::<Error>();
 }
 
+/// Without the `wasmedge` feature, choosing WasmEdge is a clear compile-time
+/// error (with it, the conformance suite runs on WasmEdge instead).
+#[cfg(not(feature = "wasmedge"))]
+#[test]
+fn the_wasmedge_engine_needs_its_feature() {
+    let config = PluginConfig {
+        engine: wisp_wasm_host::EngineKind::WasmEdge,
+        ..config("edge")
+    };
+    let wat = module("proxy_abi_version_0_2_1", "");
+    let error = Plugin::compile(config, wat.as_bytes()).unwrap_err();
+    assert!(matches!(error, Error::Engine { .. }), "{error}");
+    assert!(error.to_string().contains("`wasmedge` feature"), "{error}");
+}
+
 #[test]
 fn rejects_what_it_cannot_run() {
     let error = compile("junk", "not wasm at all").unwrap_err();

@@ -6,9 +6,9 @@
 use std::time::{Duration, Instant};
 
 use wisp_wasm_host::{
-    Error, FailureAction, FailurePolicy, HttpCallResponse, HttpStream, ModuleSource, PeerType,
-    Plugin, PluginConfig, PluginCounters, PluginInstance, ResourceLimits, Supervisor,
-    TcpConnection, sha256_hex,
+    Error, FailureAction, FailurePolicy, HttpCallResponse, HttpStream, IsolationMode, ModuleSource,
+    PeerType, Plugin, PluginConfig, PluginCounters, PluginInstance, PoolLimits, ResourceLimits,
+    Supervisor, TcpConnection, sha256_hex,
 };
 
 /// Memory (`pages` of 64 KiB), a bump allocator and the 0.2.1 marker, around `body`.
@@ -568,6 +568,84 @@ fn per_request_instances_are_independent() {
         wisp_wasm_host::Action::Pause,
         "a shared instance remembers"
     );
+}
+
+#[test]
+fn per_request_instances_come_from_the_pool_and_reuse_its_slots() {
+    // The same counting module as above, with per-request isolation: its
+    // instances come from the pooling allocator. More instances than the
+    // pool has slots, one after the other, prove that a dropped instance
+    // frees its slot and that a reused slot starts clean.
+    let wat = module(
+        r#"(global $seen (mut i32) (i32.const 0))
+        (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+            (global.set $seen (i32.add (global.get $seen) (i32.const 1)))
+            (i32.store (i32.const 100) (i32.add (i32.load (i32.const 100)) (i32.const 1)))
+            (i32.ne (i32.load (i32.const 100)) (i32.const 1)))"#,
+    );
+    let config = PluginConfig {
+        isolation: IsolationMode::PerRequest,
+        ..Default::default()
+    };
+    let plugin = compile("pooled", &wat, config).unwrap();
+    assert!(plugin.uses_pool(), "refused: {:?}", plugin.pool_refusal());
+    assert_eq!(plugin.pool_refusal(), None);
+    for _ in 0..PoolLimits::DEFAULT.instances + 50 {
+        let mut instance = plugin.instantiate().unwrap();
+        let id = instance.create_http_context().unwrap();
+        let action = instance
+            .on_request_headers(id, &mut HttpStream::default(), true)
+            .unwrap();
+        assert_eq!(
+            action,
+            wisp_wasm_host::Action::Continue,
+            "memory is clean in a reused slot"
+        );
+    }
+}
+
+#[test]
+fn a_plugin_that_does_not_fit_the_pool_says_which_limit() {
+    let per_request = |limits: ResourceLimits| PluginConfig {
+        isolation: IsolationMode::PerRequest,
+        limits,
+        ..Default::default()
+    };
+    // A memory limit above the pool's slot: on-demand allocation, and why.
+    let big_limit = ResourceLimits {
+        max_memory_bytes: PoolLimits::DEFAULT.memory_bytes * 2,
+        ..Default::default()
+    };
+    let plugin = compile("big-limit", &module(""), per_request(big_limit.clone())).unwrap();
+    assert!(!plugin.uses_pool());
+    let reason = plugin.pool_refusal().expect("a reason");
+    assert!(reason.contains("max_memory_bytes"), "{reason}");
+    plugin.instantiate().expect("still runs, on-demand");
+
+    // A module whose initial memory is larger than a slot (2049 pages > 128
+    // MiB): the pool refuses it at compile time and names the memory.
+    let wat = module_with(2049, "", "");
+    let plugin = compile("big-memory", &wat, per_request(big_limit.clone())).unwrap();
+    assert!(!plugin.uses_pool());
+    let reason = plugin.pool_refusal().expect("a reason");
+    assert!(reason.contains("memory"), "{reason}");
+
+    // Other isolation modes never use the pool.
+    let plugin = compile("per-worker", &module(""), PluginConfig::default()).unwrap();
+    assert!(!plugin.uses_pool());
+    assert_eq!(plugin.pool_refusal(), None);
+    // And a pooled plugin cannot be re-configured past its slot.
+    let pooled = compile(
+        "pooled-2",
+        &module(""),
+        per_request(ResourceLimits::default()),
+    )
+    .unwrap();
+    assert!(pooled.uses_pool());
+    let error = pooled
+        .with_config(per_request(big_limit.clone()))
+        .expect_err("past the slot");
+    assert!(error.to_string().contains("max_memory_bytes"), "{error}");
 }
 
 const TRAP_ON_HEADERS: &str =

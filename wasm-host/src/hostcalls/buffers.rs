@@ -9,10 +9,9 @@
 //! FOREIGN_FUNCTION_ARGUMENTS in `proxy_on_foreign_function`. Any other valid
 //! type is NOT_FOUND, as cpp-host returns for a missing buffer.
 
-use wasmtime::Caller;
-
 use super::HostResult;
 use crate::abi::{BufferType, Status};
+use crate::guest::HostContext;
 use crate::memory;
 use crate::state::{ConfigPhase, HostState};
 
@@ -61,16 +60,16 @@ fn buffer_mut(state: &mut HostState, ty: BufferType) -> Result<&mut Vec<u8>, Sta
 /// Reads at most `max_size` bytes from `start`. As in cpp-host, when nothing is
 /// left to read the call succeeds without touching the out-parameters (the
 /// SDKs pre-set them to null / 0).
-pub(super) fn get_bytes(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn get_bytes<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     start: i32,
     max_size: i32,
     ptr_ptr: i32,
     size_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = BufferType::try_from(ty).map_err(|_| Status::BadArgument)?;
-    let data = buffer(caller.data(), ty).ok_or(Status::NotFound)?;
+    let data = buffer(caller.state(), ty).ok_or(Status::NotFound)?;
     let start = start as u32 as usize;
     let end = start
         .saturating_add(max_size as u32 as usize)
@@ -85,14 +84,14 @@ pub(super) fn get_bytes(
 
 /// `proxy_get_buffer_status(type, return_size, return_flags)`; flags are
 /// always 0, as cpp-host writes them.
-pub(super) fn get_status(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn get_status<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     size_ptr: i32,
     flags_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = BufferType::try_from(ty).map_err(|_| Status::BadArgument)?;
-    let len = buffer(caller.data(), ty).ok_or(Status::NotFound)?.len();
+    let len = buffer(caller.state(), ty).ok_or(Status::NotFound)?.len();
     memory::write_u32(caller, size_ptr, u32::try_from(len).unwrap_or(u32::MAX))?;
     memory::write_u32(caller, flags_ptr, 0)?;
     Ok(())
@@ -105,17 +104,17 @@ pub(super) fn get_status(
 /// `start >= len` appends. For a range in the middle Envoy returns
 /// BAD_ARGUMENT, which the Rust SDK turns into a panic; we replace
 /// `[start, start + size)` instead, which is what the SDK documents.
-pub(super) fn set_bytes(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn set_bytes<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     start: i32,
     size: i32,
     ptr: i32,
     len: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = BufferType::try_from(ty).map_err(|_| Status::BadArgument)?;
     let data = memory::read(caller, ptr, len)?;
-    let buffer = buffer_mut(caller.data_mut(), ty)?;
+    let buffer = buffer_mut(caller.state_mut(), ty)?;
     splice(buffer, start as u32 as usize, size as u32 as usize, &data);
     Ok(())
 }

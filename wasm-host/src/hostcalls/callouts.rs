@@ -8,9 +8,8 @@
 //! `on_grpc_*` methods. Callouts belong to the root context (cpp-host uses
 //! the root of the effective context), so answers go to the root context.
 
+use crate::guest::HostContext;
 use std::time::Duration;
-
-use wasmtime::Caller;
 
 use super::{Fault, HostResult};
 use crate::abi::Status;
@@ -19,12 +18,12 @@ use crate::headers::HeaderMap;
 use crate::state::{CalloutKind, HostState};
 use crate::{memory, pairs};
 
-fn read_string(caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> Result<String, Fault> {
+fn read_string<G: HostContext>(caller: &G, ptr: i32, len: i32) -> Result<String, Fault<G::Trap>> {
     Ok(String::from_utf8_lossy(&memory::read(caller, ptr, len)?).into_owned())
 }
 
 /// A serialized map from the guest; malformed is parsed as empty, as cpp-host does.
-fn read_map(caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> Result<HeaderMap, Fault> {
+fn read_map<G: HostContext>(caller: &G, ptr: i32, len: i32) -> Result<HeaderMap, Fault<G::Trap>> {
     let bytes = memory::read(caller, ptr, len)?;
     Ok(pairs::deserialize(&bytes)
         .unwrap_or_default()
@@ -42,15 +41,15 @@ fn status(error: &CalloutError, unknown_upstream: Status) -> Status {
 
 /// Allocates a token, runs `dispatch` with it and writes it to `token_ptr`;
 /// without a [`Callouts`] every upstream is unknown.
-fn start(
-    caller: &mut Caller<'_, HostState>,
+fn start<G: HostContext>(
+    caller: &mut G,
     kind: CalloutKind,
     token_ptr: i32,
     unknown_upstream: Status,
     dispatch: impl FnOnce(&dyn Callouts, u32, u32, u32) -> Result<(), CalloutError>,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     memory::check(caller, token_ptr, 4)?;
-    let state = caller.data_mut();
+    let state = caller.state_mut();
     let Some(callouts) = state.embedder.callouts.clone() else {
         return Err(unknown_upstream.into());
     };
@@ -70,8 +69,8 @@ fn start(
 /// BAD_ARGUMENT for an unknown upstream or a request without `:method`,
 /// `:path` or `:authority` (Envoy's checks).
 #[expect(clippy::too_many_arguments, reason = "mirrors the ABI signature")]
-pub(super) fn http_call(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn http_call<G: HostContext>(
+    caller: &mut G,
     up_ptr: i32,
     up_len: i32,
     h_ptr: i32,
@@ -82,7 +81,7 @@ pub(super) fn http_call(
     t_len: i32,
     timeout_ms: i32,
     token_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let upstream = read_string(caller, up_ptr, up_len)?;
     let headers = read_map(caller, h_ptr, h_len)?;
     let body = memory::read(caller, b_ptr, b_len)?;
@@ -117,8 +116,8 @@ pub(super) fn http_call(
 /// timeout_ms, return_token)`: PARSE_FAILURE for an unknown upstream (Envoy
 /// fails to parse the service config).
 #[expect(clippy::too_many_arguments, reason = "mirrors the ABI signature")]
-pub(super) fn grpc_call(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn grpc_call<G: HostContext>(
+    caller: &mut G,
     up_ptr: i32,
     up_len: i32,
     s_ptr: i32,
@@ -131,7 +130,7 @@ pub(super) fn grpc_call(
     msg_len: i32,
     timeout_ms: i32,
     token_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let upstream = read_string(caller, up_ptr, up_len)?;
     let service = read_string(caller, s_ptr, s_len)?;
     let method = read_string(caller, m_ptr, m_len)?;
@@ -161,8 +160,8 @@ pub(super) fn grpc_call(
 
 /// `proxy_grpc_stream(upstream, service, method, initial_metadata, return_token)`.
 #[expect(clippy::too_many_arguments, reason = "mirrors the ABI signature")]
-pub(super) fn grpc_stream(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn grpc_stream<G: HostContext>(
+    caller: &mut G,
     up_ptr: i32,
     up_len: i32,
     s_ptr: i32,
@@ -172,7 +171,7 @@ pub(super) fn grpc_stream(
     md_ptr: i32,
     md_len: i32,
     token_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let upstream = read_string(caller, up_ptr, up_len)?;
     let service = read_string(caller, s_ptr, s_len)?;
     let method = read_string(caller, m_ptr, m_len)?;
@@ -201,9 +200,9 @@ pub(super) fn grpc_stream(
 
 /// The kind of a live gRPC token; BAD_ARGUMENT for an HTTP-call token,
 /// NOT_FOUND for one that is not live (Envoy's checks).
-fn grpc_token(state: &HostState, token: u32) -> Result<(CalloutKind, &dyn Callouts), Fault> {
+fn grpc_token(state: &HostState, token: u32) -> Result<(CalloutKind, &dyn Callouts), Status> {
     if token & 3 == CalloutKind::Http.bits() || token & 3 == 3 {
-        return Err(Status::BadArgument.into());
+        return Err(Status::BadArgument);
     }
     let (kind, _) = *state.callouts.get(&token).ok_or(Status::NotFound)?;
     let callouts = state.embedder.callouts.as_deref().ok_or(Status::NotFound)?;
@@ -211,16 +210,16 @@ fn grpc_token(state: &HostState, token: u32) -> Result<(CalloutKind, &dyn Callou
 }
 
 /// `proxy_grpc_send(token, message, message_size, end_of_stream)`: streams only.
-pub(super) fn grpc_send(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn grpc_send<G: HostContext>(
+    caller: &mut G,
     token: i32,
     ptr: i32,
     len: i32,
     end_stream: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let message = memory::read(caller, ptr, len)?;
     let token = token as u32;
-    let (kind, callouts) = grpc_token(caller.data(), token)?;
+    let (kind, callouts) = grpc_token(caller.state(), token)?;
     if kind != CalloutKind::GrpcStream {
         return Err(Status::BadArgument.into());
     }
@@ -230,22 +229,22 @@ pub(super) fn grpc_send(
 }
 
 /// `proxy_grpc_cancel(token)`: no further callbacks for it.
-pub(super) fn grpc_cancel(caller: &mut Caller<'_, HostState>, token: i32) -> HostResult {
+pub(crate) fn grpc_cancel<G: HostContext>(caller: &mut G, token: i32) -> HostResult<G::Trap> {
     let token = token as u32;
-    let (_, callouts) = grpc_token(caller.data(), token)?;
+    let (_, callouts) = grpc_token(caller.state(), token)?;
     let result = callouts.grpc_cancel(token);
-    caller.data_mut().callouts.remove(&token);
+    caller.state_mut().callouts.remove(&token);
     result.map_err(|e| status(&e, Status::NotFound).into())
 }
 
 /// `proxy_grpc_close(token)`: a unary call is cancelled (Envoy); a stream is
 /// half-closed and stays live until the embedder delivers its close.
-pub(super) fn grpc_close(caller: &mut Caller<'_, HostState>, token: i32) -> HostResult {
+pub(crate) fn grpc_close<G: HostContext>(caller: &mut G, token: i32) -> HostResult<G::Trap> {
     let token = token as u32;
-    let (kind, callouts) = grpc_token(caller.data(), token)?;
+    let (kind, callouts) = grpc_token(caller.state(), token)?;
     if kind == CalloutKind::GrpcCall {
         let result = callouts.grpc_cancel(token);
-        caller.data_mut().callouts.remove(&token);
+        caller.state_mut().callouts.remove(&token);
         return result.map_err(|e| status(&e, Status::NotFound).into());
     }
     callouts

@@ -1,20 +1,21 @@
 //! Context plumbing and time: `proxy_set_effective_context`, `proxy_done`,
 //! `proxy_get_current_time_nanoseconds`, `proxy_set_tick_period_milliseconds`.
 
+use crate::guest::HostContext;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use wasmtime::Caller;
 
 use super::HostResult;
 use crate::abi::Status;
 use crate::memory;
-use crate::state::HostState;
 
 /// `proxy_set_effective_context(context_id)`: later hostcalls of this callback
 /// act on `context_id`. BAD_ARGUMENT for an unknown id, as in cpp-host.
-pub(super) fn set_effective_context(caller: &mut Caller<'_, HostState>, id: i32) -> HostResult {
+pub(crate) fn set_effective_context<G: HostContext>(
+    caller: &mut G,
+    id: i32,
+) -> HostResult<G::Trap> {
     let id = id as u32;
-    let state = caller.data_mut();
+    let state = caller.state_mut();
     if !state.contexts.contains_key(&id) {
         return Err(Status::BadArgument.into());
     }
@@ -26,8 +27,8 @@ pub(super) fn set_effective_context(caller: &mut Caller<'_, HostState>, id: i32)
 /// [`PluginInstance::shutdown`](crate::PluginInstance::shutdown)) says it
 /// has finished; it is deleted once the current callback returns. NOT_FOUND
 /// for a context the host is not waiting for, as cpp-host.
-pub(super) fn done(caller: &mut Caller<'_, HostState>) -> HostResult {
-    let state = caller.data_mut();
+pub(crate) fn done<G: HostContext>(caller: &mut G) -> HostResult<G::Trap> {
+    let state = caller.state_mut();
     let id = state.call.effective_context_id;
     match state.pending_done.iter().position(|&p| p == id) {
         Some(index) => {
@@ -40,7 +41,7 @@ pub(super) fn done(caller: &mut Caller<'_, HostState>) -> HostResult {
 }
 
 /// `proxy_get_current_time_nanoseconds(return_time)`: wall-clock time.
-pub(super) fn current_time(caller: &mut Caller<'_, HostState>, time_ptr: i32) -> HostResult {
+pub(crate) fn current_time<G: HostContext>(caller: &mut G, time_ptr: i32) -> HostResult<G::Trap> {
     memory::write_u64(caller, time_ptr, unix_time_nanos())?;
     Ok(())
 }
@@ -56,9 +57,9 @@ pub(crate) fn unix_time_nanos() -> u64 {
 /// context; 0 turns ticks off. The embedder reads it with
 /// [`PluginInstance::tick_period`](crate::PluginInstance::tick_period) and
 /// calls [`PluginInstance::on_tick`](crate::PluginInstance::on_tick).
-pub(super) fn set_tick_period(caller: &mut Caller<'_, HostState>, millis: i32) -> HostResult {
+pub(crate) fn set_tick_period<G: HostContext>(caller: &mut G, millis: i32) -> HostResult<G::Trap> {
     let millis = millis as u32;
-    caller.data_mut().tick_period = (millis != 0).then(|| Duration::from_millis(millis.into()));
+    caller.state_mut().tick_period = (millis != 0).then(|| Duration::from_millis(millis.into()));
     Ok(())
 }
 

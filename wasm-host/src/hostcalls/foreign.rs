@@ -2,28 +2,26 @@
 //! the embedder registered in [`Embedder::foreign_functions`](crate::Embedder);
 //! NOT_FOUND for any other name, as cpp-host.
 
-use wasmtime::Caller;
-
 use super::HostResult;
 use crate::abi::Status;
+use crate::guest::HostContext;
 use crate::memory;
-use crate::state::HostState;
 
-pub(super) fn call(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn call<G: HostContext>(
+    caller: &mut G,
     n_ptr: i32,
     n_len: i32,
     a_ptr: i32,
     a_len: i32,
     ptr_ptr: i32,
     size_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let name = String::from_utf8_lossy(&memory::read(caller, n_ptr, n_len)?).into_owned();
     let args = memory::read(caller, a_ptr, a_len)?;
     memory::check(caller, ptr_ptr, 4)?;
     memory::check(caller, size_ptr, 4)?;
     let function = caller
-        .data()
+        .state()
         .embedder
         .foreign_functions
         .get(&name)

@@ -13,16 +13,15 @@
 //! default) are invisible to the plugin: reads skip them, writes to them are
 //! ignored, and `proxy_set_header_map_pairs` keeps them.
 
-use wasmtime::Caller;
-
 use super::{Fault, HostResult};
 use crate::abi::{AbiVersion, MapType, Status};
+use crate::guest::HostContext;
 use crate::headers::HeaderMap;
 use crate::state::HostState;
 use crate::{memory, pairs};
 
-fn map_type(raw: i32) -> Result<MapType, Fault> {
-    MapType::try_from(raw).map_err(|_| Status::BadArgument.into())
+fn map_type(raw: i32) -> Result<MapType, Status> {
+    MapType::try_from(raw).map_err(|_| Status::BadArgument)
 }
 
 /// Whether a header callback's write is allowed: callout maps are read-only.
@@ -37,14 +36,14 @@ fn map(
     state: &mut HostState,
     ty: MapType,
     access: Access,
-) -> Result<(&mut HeaderMap, bool), Fault> {
+) -> Result<(&mut HeaderMap, bool), Status> {
     fn read_only(
         map: Option<&mut HeaderMap>,
         access: Access,
-    ) -> Result<(&mut HeaderMap, bool), Fault> {
+    ) -> Result<(&mut HeaderMap, bool), Status> {
         match (map, access) {
             (Some(map), Access::Read) => Ok((map, false)),
-            _ => Err(Status::BadArgument.into()),
+            _ => Err(Status::BadArgument),
         }
     }
     match ty {
@@ -85,14 +84,14 @@ fn map(
 
 /// Reads a header name from the guest. Names are bytes on the wire; anything
 /// that is not UTF-8 is converted lossily (HTTP names are ASCII tokens).
-fn read_name(caller: &Caller<'_, HostState>, ptr: i32, len: i32) -> Result<String, Fault> {
+fn read_name<G: HostContext>(caller: &G, ptr: i32, len: i32) -> Result<String, Fault<G::Trap>> {
     let bytes = memory::read(caller, ptr, len)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// The serialized visible entries of a map.
-fn visible_pairs(caller: &mut Caller<'_, HostState>, ty: MapType) -> Result<Vec<u8>, Fault> {
-    let state = caller.data_mut();
+fn visible_pairs<G: HostContext>(caller: &mut G, ty: MapType) -> Result<Vec<u8>, Fault<G::Trap>> {
+    let state = caller.state_mut();
     let plugin = state.plugin.clone();
     let (map, censored) = map(state, ty, Access::Read)?;
     let hide = |name: &str| censored && plugin.config().is_censored(name);
@@ -101,12 +100,12 @@ fn visible_pairs(caller: &mut Caller<'_, HostState>, ty: MapType) -> Result<Vec<
 
 /// `proxy_get_header_map_pairs(type, return_data, return_size)`; an empty map
 /// is returned as pointer 0, size 0.
-pub(super) fn get_pairs(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn get_pairs<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     ptr_ptr: i32,
     size_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
     let serialized = visible_pairs(caller, ty)?;
     memory::copy_out(caller, &serialized, ptr_ptr, size_ptr)?;
@@ -118,15 +117,15 @@ pub(super) fn get_pairs(
 ///
 /// Deviation from cpp-host: it parses a malformed buffer as an empty map and so
 /// silently wipes every header; we leave the map alone and return BAD_ARGUMENT.
-pub(super) fn set_pairs(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn set_pairs<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     ptr: i32,
     len: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
     let bytes = memory::read(caller, ptr, len)?;
-    let state = caller.data_mut();
+    let state = caller.state_mut();
     let plugin = state.plugin.clone();
     let (target, censored) = map(state, ty, Access::Write)?;
     let hide = |name: &str| censored && plugin.config().is_censored(name);
@@ -149,7 +148,11 @@ pub(super) fn set_pairs(
 
 /// `proxy_get_header_map_size(type, return_size)`: the serialized size, as
 /// the spec defines it (Envoy reports the sum of name and value lengths).
-pub(super) fn get_size(caller: &mut Caller<'_, HostState>, ty: i32, size_ptr: i32) -> HostResult {
+pub(crate) fn get_size<G: HostContext>(
+    caller: &mut G,
+    ty: i32,
+    size_ptr: i32,
+) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
     let size = visible_pairs(caller, ty)?.len();
     memory::write_u32(caller, size_ptr, u32::try_from(size).unwrap_or(u32::MAX))?;
@@ -160,17 +163,17 @@ pub(super) fn get_size(caller: &mut Caller<'_, HostState>, ty: i32, size_ptr: i3
 /// the first value of `key`. A missing key is NOT_FOUND since ABI 0.2.0; 0.1.0
 /// answered OK with an empty value. An empty value is pointer 0, size 0 (the
 /// Rust SDK reads that as `Some("")`).
-pub(super) fn get_value(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn get_value<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     key_ptr: i32,
     key_len: i32,
     ptr_ptr: i32,
     size_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
-    let state = caller.data_mut();
+    let state = caller.state_mut();
     let plugin = state.plugin.clone();
     let (map, censored) = map(state, ty, Access::Read)?;
     let value = map
@@ -179,7 +182,7 @@ pub(super) fn get_value(
         .map(<[u8]>::to_vec);
     let value = match value {
         Some(value) => value,
-        None if caller.data().abi() == AbiVersion::V0_1_0 => Vec::new(),
+        None if caller.state().abi() == AbiVersion::V0_1_0 => Vec::new(),
         None => return Err(Status::NotFound.into()),
     };
     memory::copy_out(caller, &value, ptr_ptr, size_ptr)?;
@@ -187,13 +190,13 @@ pub(super) fn get_value(
 }
 
 /// Applies `change` to map `ty` unless `key` is censored there.
-fn modify(
-    caller: &mut Caller<'_, HostState>,
+fn modify<G: HostContext>(
+    caller: &mut G,
     ty: MapType,
     key: &str,
     change: impl FnOnce(&mut HeaderMap),
-) -> HostResult {
-    let state = caller.data_mut();
+) -> HostResult<G::Trap> {
+    let state = caller.state_mut();
     let plugin = state.plugin.clone();
     let (map, censored) = map(state, ty, Access::Write)?;
     if censored && plugin.config().is_censored(key) {
@@ -209,14 +212,14 @@ fn modify(
 }
 
 /// `proxy_add_header_map_value(type, key, key_size, value, value_size)`: appends.
-pub(super) fn add_value(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn add_value<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     key_ptr: i32,
     key_len: i32,
     ptr: i32,
     len: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
     let value = memory::read(caller, ptr, len)?;
@@ -224,14 +227,14 @@ pub(super) fn add_value(
 }
 
 /// `proxy_replace_header_map_value(...)`: add-or-replace.
-pub(super) fn replace_value(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn replace_value<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     key_ptr: i32,
     key_len: i32,
     ptr: i32,
     len: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
     let value = memory::read(caller, ptr, len)?;
@@ -239,12 +242,12 @@ pub(super) fn replace_value(
 }
 
 /// `proxy_remove_header_map_value(type, key, key_size)`: OK even if absent.
-pub(super) fn remove_value(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn remove_value<G: HostContext>(
+    caller: &mut G,
     ty: i32,
     key_ptr: i32,
     key_len: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
     modify(caller, ty, &key.clone(), |map| map.remove(&key))

@@ -2,10 +2,9 @@
 //! `proxy_close_stream`, and `proxy_get_status` (the outcome of the callout
 //! whose callback is running).
 
-use wasmtime::Caller;
-
 use super::HostResult;
 use crate::abi::{Status, StreamType};
+use crate::guest::HostContext;
 use crate::state::HostState;
 use crate::stream::{LocalResponse, StreamRequest, StreamRequestKind};
 use crate::{memory, pairs};
@@ -19,8 +18,8 @@ use crate::{memory, pairs};
 /// that sent it then reports [`Action::Pause`](crate::Action::Pause)
 /// whatever the plugin returns.
 #[expect(clippy::too_many_arguments, reason = "mirrors the ABI signature")]
-pub(super) fn send_local_response(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn send_local_response<G: HostContext>(
+    caller: &mut G,
     status: i32,
     details_ptr: i32,
     details_len: i32,
@@ -29,7 +28,7 @@ pub(super) fn send_local_response(
     headers_ptr: i32,
     headers_len: i32,
     grpc_status: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let details = memory::read(caller, details_ptr, details_len)?;
     let body = memory::read(caller, body_ptr, body_len)?;
     let raw_headers = memory::read(caller, headers_ptr, headers_len)?;
@@ -37,7 +36,7 @@ pub(super) fn send_local_response(
     // an HTTP status line is refused here.
     let status = u16::try_from(status as u32).map_err(|_| Status::BadArgument)?;
 
-    let state = caller.data_mut();
+    let state = caller.state_mut();
     let plugin = state.plugin.clone();
     let Some(stream) = state.stream_mut() else {
         tracing::debug!(
@@ -76,19 +75,19 @@ pub(super) fn send_local_response(
 
 /// `proxy_continue_stream(type)`: recorded for the embedder. Resuming TCP
 /// streams is unimplemented.
-pub(super) fn continue_stream(caller: &mut Caller<'_, HostState>, ty: i32) -> HostResult {
+pub(crate) fn continue_stream<G: HostContext>(caller: &mut G, ty: i32) -> HostResult<G::Trap> {
     let stream = StreamType::try_from(ty).map_err(|_| Status::BadArgument)?;
     if matches!(stream, StreamType::Downstream | StreamType::Upstream) {
         return Err(Status::Unimplemented.into());
     }
-    record(caller.data_mut(), stream, StreamRequestKind::Continue);
+    record(caller.state_mut(), stream, StreamRequestKind::Continue);
     Ok(())
 }
 
 /// `proxy_close_stream(type)`: recorded for the embedder.
-pub(super) fn close_stream(caller: &mut Caller<'_, HostState>, ty: i32) -> HostResult {
+pub(crate) fn close_stream<G: HostContext>(caller: &mut G, ty: i32) -> HostResult<G::Trap> {
     let stream = StreamType::try_from(ty).map_err(|_| Status::BadArgument)?;
-    record(caller.data_mut(), stream, StreamRequestKind::Close);
+    record(caller.state_mut(), stream, StreamRequestKind::Close);
     Ok(())
 }
 
@@ -96,20 +95,20 @@ pub(super) fn close_stream(caller: &mut Caller<'_, HostState>, ty: i32) -> HostR
 /// in `proxy_on_http_call_response` 0 (success) or 11 (BrokenConnection,
 /// with the reason) as Envoy reports; in `proxy_on_grpc_close` the gRPC
 /// status and message. Elsewhere Envoy's defaults: 0 and an empty message.
-pub(super) fn get_status(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn get_status<G: HostContext>(
+    caller: &mut G,
     code_ptr: i32,
     ptr_ptr: i32,
     size_ptr: i32,
-) -> HostResult {
-    let (code, message) = caller.data().call.status.clone().unwrap_or_default();
+) -> HostResult<G::Trap> {
+    let (code, message) = caller.state().call.status.clone().unwrap_or_default();
     memory::check(caller, code_ptr, 4)?;
     memory::copy_out(caller, &message, ptr_ptr, size_ptr)?;
     memory::write_u32(caller, code_ptr, code)?;
     Ok(())
 }
 
-pub(super) fn record(state: &mut HostState, stream: StreamType, kind: StreamRequestKind) {
+pub(crate) fn record(state: &mut HostState, stream: StreamType, kind: StreamRequestKind) {
     let context_id = state.call.effective_context_id;
     tracing::debug!(
         plugin = state.plugin_name(),

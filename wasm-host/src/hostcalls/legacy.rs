@@ -3,38 +3,36 @@
 //! `proxy_clear_route_cache` (replaced in 0.2.0 by buffer type 7 and
 //! `proxy_continue_stream`; linked only for 0.1.0 modules, as cpp-host does).
 
-use wasmtime::Caller;
-
 use super::HostResult;
 use super::http::record;
 use crate::abi::StreamType;
+use crate::guest::HostContext;
 use crate::memory;
-use crate::state::HostState;
 use crate::stream::StreamRequestKind;
 
 /// `proxy_get_configuration(return_data, return_size)`: the plugin configuration.
-pub(super) fn get_configuration(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn get_configuration<G: HostContext>(
+    caller: &mut G,
     ptr_ptr: i32,
     size_ptr: i32,
-) -> HostResult {
-    let config = caller.data().plugin.config().configuration.clone();
+) -> HostResult<G::Trap> {
+    let config = caller.state().plugin.config().configuration.clone();
     memory::copy_out(caller, &config, ptr_ptr, size_ptr)?;
     Ok(())
 }
 
-pub(super) fn continue_request(caller: &mut Caller<'_, HostState>) -> HostResult {
+pub(crate) fn continue_request<G: HostContext>(caller: &mut G) -> HostResult<G::Trap> {
     record(
-        caller.data_mut(),
+        caller.state_mut(),
         StreamType::HttpRequest,
         StreamRequestKind::Continue,
     );
     Ok(())
 }
 
-pub(super) fn continue_response(caller: &mut Caller<'_, HostState>) -> HostResult {
+pub(crate) fn continue_response<G: HostContext>(caller: &mut G) -> HostResult<G::Trap> {
     record(
-        caller.data_mut(),
+        caller.state_mut(),
         StreamType::HttpResponse,
         StreamRequestKind::Continue,
     );
@@ -42,7 +40,7 @@ pub(super) fn continue_response(caller: &mut Caller<'_, HostState>) -> HostResul
 }
 
 /// Envoy recomputes the route after header changes by itself; nothing to do.
-pub(super) fn clear_route_cache(_caller: &mut Caller<'_, HostState>) -> HostResult {
+pub(crate) fn clear_route_cache<G: HostContext>(_caller: &mut G) -> HostResult<G::Trap> {
     Ok(())
 }
 

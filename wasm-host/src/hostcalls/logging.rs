@@ -4,23 +4,21 @@
 //! field `plugin`, so operators filter them like any other target
 //! (`RUST_LOG=wasm=debug`).
 
-use wasmtime::Caller;
-
 use super::HostResult;
 use crate::abi::{LogLevel, Status};
+use crate::guest::HostContext;
 use crate::memory;
-use crate::state::HostState;
 
 /// `proxy_log(level, message_ptr, message_size)`.
-pub(super) fn log(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn log<G: HostContext>(
+    caller: &mut G,
     level: i32,
     ptr: i32,
     len: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let level = LogLevel::try_from(level).map_err(|_| Status::BadArgument)?;
     let message = memory::read(caller, ptr, len)?;
-    let state = caller.data();
+    let state = caller.state();
     emit(
         state.plugin_name(),
         state.call.effective_context_id,
@@ -47,7 +45,7 @@ pub(crate) fn emit(plugin: &str, context_id: u32, level: LogLevel, message: &str
 /// `proxy_get_log_level(return_level)`: the most verbose level the subscriber
 /// would record for target `"wasm"` right now, so plugins can skip building
 /// messages nobody will see.
-pub(super) fn get_log_level(caller: &mut Caller<'_, HostState>, level_ptr: i32) -> HostResult {
+pub(crate) fn get_log_level<G: HostContext>(caller: &mut G, level_ptr: i32) -> HostResult<G::Trap> {
     memory::write_u32(caller, level_ptr, current_level() as u32)?;
     Ok(())
 }

@@ -2,28 +2,27 @@
 //! `proxy_get_metric`; the registry is [`crate::metrics`], and the embedder's
 //! [`MetricsSink`](crate::MetricsSink) hears about every change.
 
-use wasmtime::Caller;
-
 use super::HostResult;
 use crate::abi::Status;
 use crate::embedder::MetricKind;
+use crate::guest::HostContext;
 use crate::memory;
 use crate::metrics::{self, MetricValue};
 use crate::state::HostState;
 
 /// `proxy_define_metric(type, name, name_size, return_id)`.
-pub(super) fn define(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn define<G: HostContext>(
+    caller: &mut G,
     kind: i32,
     n_ptr: i32,
     n_len: i32,
     id_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let kind = MetricKind::from_raw(kind).ok_or(Status::BadArgument)?;
     let name = String::from_utf8_lossy(&memory::read(caller, n_ptr, n_len)?).into_owned();
     memory::check(caller, id_ptr, 4)?;
     let id = metrics::define(kind, &name);
-    if let Some(sink) = &caller.data().embedder.metrics {
+    if let Some(sink) = &caller.state().embedder.metrics {
         sink.defined(&name, kind);
     }
     memory::write_u32(caller, id_ptr, id)?;
@@ -42,21 +41,25 @@ fn notify(state: &HostState, metric: &MetricValue, recorded: Option<u64>) {
 
 /// `proxy_increment_metric(id, delta)`: BAD_ARGUMENT for a negative delta on
 /// a counter or any histogram.
-pub(super) fn increment(caller: &mut Caller<'_, HostState>, id: i32, delta: i64) -> HostResult {
+pub(crate) fn increment<G: HostContext>(
+    caller: &mut G,
+    id: i32,
+    delta: i64,
+) -> HostResult<G::Trap> {
     let metric = metrics::increment(id as u32, delta)?;
-    notify(caller.data(), &metric, None);
+    notify(caller.state(), &metric, None);
     Ok(())
 }
 
 /// `proxy_record_metric(id, value)`.
-pub(super) fn record(caller: &mut Caller<'_, HostState>, id: i32, value: i64) -> HostResult {
+pub(crate) fn record<G: HostContext>(caller: &mut G, id: i32, value: i64) -> HostResult<G::Trap> {
     let metric = metrics::record(id as u32, value as u64)?;
-    notify(caller.data(), &metric, Some(value as u64));
+    notify(caller.state(), &metric, Some(value as u64));
     Ok(())
 }
 
 /// `proxy_get_metric(id, return_value)`.
-pub(super) fn get(caller: &mut Caller<'_, HostState>, id: i32, value_ptr: i32) -> HostResult {
+pub(crate) fn get<G: HostContext>(caller: &mut G, id: i32, value_ptr: i32) -> HostResult<G::Trap> {
     memory::check(caller, value_ptr, 8)?;
     let value = metrics::get(id as u32)?;
     memory::write_u64(caller, value_ptr, value as u64)?;

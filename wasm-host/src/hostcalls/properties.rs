@@ -14,24 +14,23 @@
 //! stream callback (Envoy's filter state lives per stream) and to the
 //! instance otherwise. The `plugin_*` properties are read-only: BAD_ARGUMENT.
 
-use wasmtime::Caller;
-
 use super::HostResult;
 use crate::abi::Status;
+use crate::guest::HostContext;
 use crate::memory;
 use crate::state::HostState;
 
 /// `proxy_get_property(path, path_size, return_value, return_size)`.
-pub(super) fn get(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn get<G: HostContext>(
+    caller: &mut G,
     path_ptr: i32,
     path_len: i32,
     ptr_ptr: i32,
     size_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let raw_path = memory::read(caller, path_ptr, path_len)?;
     let path = String::from_utf8_lossy(&raw_path).replace('\0', ".");
-    let value = lookup(caller.data(), &path).ok_or(Status::NotFound)?;
+    let value = lookup(caller.state(), &path).ok_or(Status::NotFound)?;
     memory::copy_out(caller, &value, ptr_ptr, size_ptr)?;
     Ok(())
 }
@@ -61,13 +60,13 @@ fn lookup(state: &HostState, path: &str) -> Option<Vec<u8>> {
 }
 
 /// `proxy_set_property(path, path_size, value, value_size)`.
-pub(super) fn set(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn set<G: HostContext>(
+    caller: &mut G,
     path_ptr: i32,
     path_len: i32,
     ptr: i32,
     len: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let raw_path = memory::read(caller, path_ptr, path_len)?;
     let value = memory::read(caller, ptr, len)?;
     let path = String::from_utf8_lossy(&raw_path).replace('\0', ".");
@@ -79,7 +78,7 @@ pub(super) fn set(
     {
         return Err(Status::BadArgument.into());
     }
-    let state = caller.data_mut();
+    let state = caller.state_mut();
     if let Some(stream) = state.stream_mut() {
         stream.properties.insert(path, value);
     } else if let Some(conn) = state.tcp_mut() {

@@ -2,26 +2,24 @@
 //! `proxy_{register,resolve}_shared_queue`, `proxy_{enqueue,dequeue}_shared_queue`.
 //! The stores themselves are in [`crate::shared`].
 
-use wasmtime::Caller;
-
 use super::HostResult;
 use crate::abi::Status;
-use crate::state::HostState;
+use crate::guest::HostContext;
 use crate::{memory, shared};
 
-fn vm_id(caller: &Caller<'_, HostState>) -> String {
-    caller.data().plugin.config().vm_id.clone()
+fn vm_id<G: HostContext>(caller: &G) -> String {
+    caller.state().plugin.config().vm_id.clone()
 }
 
 /// `proxy_get_shared_data(key, key_size, return_value, return_size, return_cas)`.
-pub(super) fn get_data(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn get_data<G: HostContext>(
+    caller: &mut G,
     k_ptr: i32,
     k_len: i32,
     ptr_ptr: i32,
     size_ptr: i32,
     cas_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let key = memory::read(caller, k_ptr, k_len)?;
     memory::check(caller, cas_ptr, 4)?;
     let (value, cas) = shared::get_data(&vm_id(caller), &key).ok_or(Status::NotFound)?;
@@ -31,21 +29,21 @@ pub(super) fn get_data(
 }
 
 /// `proxy_set_shared_data(key, key_size, value, value_size, cas)`.
-pub(super) fn set_data(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn set_data<G: HostContext>(
+    caller: &mut G,
     k_ptr: i32,
     k_len: i32,
     v_ptr: i32,
     v_len: i32,
     cas: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let key = memory::read(caller, k_ptr, k_len)?;
     let value = memory::read(caller, v_ptr, v_len)?;
-    let max = caller.data().plugin.config().limits.shared_data_max_bytes;
+    let max = caller.state().plugin.config().limits.shared_data_max_bytes;
     shared::set_data(&vm_id(caller), &key, &value, cas as u32, max).map_err(|status| {
         if status == Status::InternalFailure {
             tracing::warn!(
-                plugin = caller.data().plugin_name(),
+                plugin = caller.state().plugin_name(),
                 "shared data of vm_id {:?} would exceed its {max}-byte cap; write refused",
                 vm_id(caller)
             );
@@ -56,15 +54,15 @@ pub(super) fn set_data(
 
 /// `proxy_register_shared_queue(name, name_size, return_id)`: this
 /// instance's root context gets `proxy_on_queue_ready` for it.
-pub(super) fn register_queue(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn register_queue<G: HostContext>(
+    caller: &mut G,
     n_ptr: i32,
     n_len: i32,
     id_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let name = memory::read(caller, n_ptr, n_len)?;
     memory::check(caller, id_ptr, 4)?;
-    let owner = caller.data().queue_owner.clone();
+    let owner = caller.state().queue_owner.clone();
     let id = shared::register_queue(&vm_id(caller), &name, &owner);
     memory::write_u32(caller, id_ptr, id)?;
     Ok(())
@@ -72,14 +70,14 @@ pub(super) fn register_queue(
 
 /// `proxy_resolve_shared_queue(vm_id, vm_id_size, name, name_size, return_id)`:
 /// NOT_FOUND if nobody registered it. An empty vm_id means this plugin's own.
-pub(super) fn resolve_queue(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn resolve_queue<G: HostContext>(
+    caller: &mut G,
     vm_ptr: i32,
     vm_len: i32,
     n_ptr: i32,
     n_len: i32,
     id_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let vm = memory::read(caller, vm_ptr, vm_len)?;
     let name = memory::read(caller, n_ptr, n_len)?;
     let vm = if vm.is_empty() {
@@ -93,12 +91,12 @@ pub(super) fn resolve_queue(
 }
 
 /// `proxy_enqueue_shared_queue(id, value, value_size)`.
-pub(super) fn enqueue(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn enqueue<G: HostContext>(
+    caller: &mut G,
     id: i32,
     ptr: i32,
     len: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     let value = memory::read(caller, ptr, len)?;
     shared::enqueue(id as u32, value)?;
     Ok(())
@@ -106,12 +104,12 @@ pub(super) fn enqueue(
 
 /// `proxy_dequeue_shared_queue(id, return_value, return_size)`: EMPTY when
 /// nothing is queued.
-pub(super) fn dequeue(
-    caller: &mut Caller<'_, HostState>,
+pub(crate) fn dequeue<G: HostContext>(
+    caller: &mut G,
     id: i32,
     ptr_ptr: i32,
     size_ptr: i32,
-) -> HostResult {
+) -> HostResult<G::Trap> {
     memory::check(caller, ptr_ptr, 4)?;
     memory::check(caller, size_ptr, 4)?;
     let value = shared::dequeue(id as u32)?;

@@ -143,3 +143,22 @@ fn target_dir() -> PathBuf {
         None => workspace.join("target"),
     }
 }
+
+/// The engines the suites run on: Wasmtime always; WasmEdge too when
+/// `WASMEDGE_DIR` points at an installed WasmEdge. That needs the
+/// `wasmedge` feature (which then links libwasmedge); `WASMEDGE_DIR` without
+/// the feature fails instead of quietly testing Wasmtime alone.
+#[allow(dead_code, reason = "not every test binary uses every helper")]
+pub fn engines() -> Vec<wisp_wasm_host::EngineKind> {
+    let mut engines = vec![wisp_wasm_host::EngineKind::Wasmtime];
+    if let Some(dir) = std::env::var_os("WASMEDGE_DIR") {
+        if !cfg!(feature = "wasmedge") {
+            panic!(
+                "WASMEDGE_DIR is set ({}): run the tests with `--features wasmedge` to test WasmEdge too",
+                PathBuf::from(dir).display()
+            );
+        }
+        engines.push(wisp_wasm_host::EngineKind::WasmEdge);
+    }
+    engines
+}
