@@ -93,17 +93,30 @@ pub fn run(config: Config, config_path: PathBuf) -> anyhow::Result<()> {
     let redirect = config
         .redirect_target()
         .map_err(|message| anyhow::anyhow!("outbound.redirect_address: {message}"))?;
-    let spec = ServeSpec {
-        listeners: vec![ListenerSpec {
-            name: "outbound".into(),
-            addr: config.outbound.listen.value,
-            destination: Destination::Steered,
-            protocol: config.outbound.protocol,
-            port_protocols: config.outbound.ports.clone(),
-            // Steered traffic is the pods' own: TLS stays end to end.
+    let mut listeners = vec![ListenerSpec {
+        name: "outbound".into(),
+        addr: config.outbound.listen.value,
+        destination: Destination::Steered,
+        protocol: config.outbound.protocol,
+        port_protocols: config.outbound.ports.clone(),
+        // Steered traffic is the pods' own: TLS stays end to end.
+        tls: None,
+        upstream_tls: None,
+    }];
+    if config.inbound.enabled {
+        listeners.push(ListenerSpec {
+            name: "inbound".into(),
+            // Unused: the sockets are opened inside each pod's namespace.
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            destination: Destination::Inbound,
+            protocol: config.inbound.protocol,
+            port_protocols: config.inbound.ports.clone(),
             tls: None,
             upstream_tls: None,
-        }],
+        });
+    }
+    let spec = ServeSpec {
+        listeners,
         plugins,
         workers: config.worker_count(),
         admin: config.admin.listen.value,
@@ -254,6 +267,10 @@ fn serve(
             },
         )?;
         for listener in listeners.iter() {
+            if listener.destination == Destination::Inbound {
+                tracing::info!(listener = %listener.name, workers = spec.workers, "listening inside each enrolled pod's network namespace (sk_lookup)");
+                continue;
+            }
             tracing::info!(
                 listener = %listener.name,
                 addr = %listener.addr,

@@ -28,7 +28,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
@@ -209,7 +209,8 @@ pub struct Dataplane {
     sk_lookup: SkLookup,
     inbound_sockets: SockMap<MapData>,
     inbound_pods: HashMap<MapData, [u32; 4], u32>,
-    inbound_stats: Arc<inbound::InboundStats>,
+    inbound_stats: inbound::InboundStats,
+    inbound_listeners: Vec<inbound::InboundListener>,
     /// An IPv6 redirect address is configured: the agent's own IPv6
     /// connections come from it, so IPv6 inbound can exempt them.
     steers_v6: bool,
@@ -340,7 +341,8 @@ impl Dataplane {
             })?,
             inbound_sockets: source.take(maps::INBOUND_SOCKETS)?,
             inbound_pods: source.take(maps::INBOUND_PODS)?,
-            inbound_stats: Arc::default(),
+            inbound_stats: Default::default(),
+            inbound_listeners: Vec::new(),
             steers_v6: options.redirect_v6.is_some(),
             _ebpf: match source {
                 MapSource::Loaded(ebpf) => Some(*ebpf),
@@ -516,8 +518,8 @@ impl Dataplane {
 
     /// Intercepts the inbound connections of every enrolled workload: a
     /// listener inside each pod's namespace, its addresses in the inbound
-    /// map, and `wisp_sk_lookup` attached to the namespace; then starts the
-    /// relay that serves them.
+    /// map, and `wisp_sk_lookup` attached to the namespace. The workers
+    /// serve the listeners ([`Dataplane::inbound_listeners`]).
     pub fn enable_inbound(&mut self) -> Result<(), EbpfError> {
         let map_err = |name| move |source| EbpfError::Map { name, source };
         // Pods of an adopted map that may be gone.
@@ -527,7 +529,7 @@ impl Dataplane {
         }
         let mut listeners = Vec::new();
         let mut stats = inbound::InboundStats::default();
-        for (index, workload) in self.workloads.iter().enumerate() {
+        for workload in &self.workloads {
             let netns_err = |source| EbpfError::Netns {
                 path: workload.netns.clone(),
                 source,
@@ -552,7 +554,6 @@ impl Dataplane {
                     .insert(addr_to_words(*addr), workload.slot, 0)
                     .map_err(map_err(maps::INBOUND_PODS))?;
             }
-            let addrs = pod.addrs;
             let netns = std::fs::File::open(&workload.netns).map_err(netns_err)?;
             self.sk_lookup
                 .attach(netns)
@@ -562,20 +563,37 @@ impl Dataplane {
                 })?;
             tracing::info!(
                 workload = %workload.name,
-                addresses = %inbound::describe(&addrs),
+                addresses = %inbound::describe(&pod.addrs),
                 "inbound connections intercepted"
             );
-            stats
-                .connections
-                .push((workload.name.clone(), std::sync::atomic::AtomicU64::new(0)));
-            listeners.push((index, pod.v4));
+            stats.add(&workload.name, &pod.addrs);
+            let workload = workload.name.clone();
+            listeners.push(inbound::InboundListener {
+                workload: workload.clone(),
+                listener: pod.v4,
+            });
             if let Some(v6) = pod.v6 {
-                listeners.push((index, v6));
+                listeners.push(inbound::InboundListener {
+                    workload,
+                    listener: v6,
+                });
             }
         }
-        self.inbound_stats = Arc::new(stats);
-        inbound::spawn_relay(listeners, self.inbound_stats.clone());
+        self.inbound_stats = stats;
+        self.inbound_listeners = listeners;
         Ok(())
+    }
+
+    /// The agent's listeners inside the enrolled pods' namespaces (empty
+    /// unless `inbound.enabled`); every worker accepts on them.
+    pub fn inbound_listeners(&self) -> &[inbound::InboundListener] {
+        &self.inbound_listeners
+    }
+
+    /// Counts an inbound connection to the pod address `destination`; the
+    /// name of the workload it is going to.
+    pub fn inbound_accepted(&self, destination: IpAddr) -> Option<&str> {
+        self.inbound_stats.accepted(destination)
     }
 
     /// Inbound connections intercepted per workload.
