@@ -103,20 +103,7 @@ pub fn open_listener(netns: &Path) -> std::io::Result<PodListeners> {
                 if let Some(v6) = &v6 {
                     v6.set_nonblocking(true)?;
                 }
-                let mut addrs = Vec::new();
-                for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
-                    let Some(address) = ifa.address else { continue };
-                    if let Some(a) = address.as_sockaddr_in() {
-                        addrs.push(IpAddr::V4(a.ip()));
-                    } else if let Some(a) = address.as_sockaddr_in6() {
-                        let ip = a.ip();
-                        // fe80::/10 is per link, not the pod's address.
-                        if v6.is_some() && (ip.segments()[0] & 0xffc0) != 0xfe80 {
-                            addrs.push(IpAddr::V6(ip));
-                        }
-                    }
-                }
-                addrs.retain(|ip| !ip.is_loopback());
+                let addrs = super::steering::addresses_here(v6.is_some())?;
                 Ok(PodListeners { v4, v6, addrs })
             })
             .join()
