@@ -614,7 +614,6 @@ fn steer_socket(ctx: &SockOpsContext, active: bool, steered: bool) {
 /// went by TCP and later redirected bytes would be read out of order.
 #[sk_msg]
 pub fn wisp_sk_msg(ctx: SkMsgContext) -> u32 {
-    const SK_DROP: u32 = 0;
     const SK_PASS: u32 = 1;
     count_program(PROG_SK_MSG, |c| c.runs += 1);
     let md = ctx.msg;
@@ -674,14 +673,14 @@ pub fn wisp_sk_msg(ctx: SkMsgContext) -> u32 {
         count_program(PROG_SK_MSG, |c| c.acted += 1);
         return SK_PASS;
     }
-    if mode.is_none() {
-        // The peer is not (yet) in the map: TCP for this socket's life. The
-        // key exists, so this overwrite cannot fail.
-        let _ = SOCKET_MODE.insert(&own, &SOCKET_TCP, 0);
-        return SK_PASS;
-    }
-    // Redirecting, and the peer has closed: nowhere for these bytes.
-    SK_DROP
+    // The peer is not in the map: either its handshake has not completed
+    // (first send), or it has closed (the kernel unhashes a socket from the
+    // sockhash only then). Either way TCP from now on: nothing redirected
+    // is still unread at a closed peer, and TCP gives the application what
+    // it would get without steering (a reset), not an odd errno. The key
+    // exists, so this overwrite cannot fail.
+    let _ = SOCKET_MODE.insert(&own, &SOCKET_TCP, 0);
+    SK_PASS
 }
 
 #[inline(always)]
