@@ -257,9 +257,22 @@ pub fn run(
             .map(|(port, tls)| (*port, tls.upstream_tls()))
             .collect(),
     };
-    let listeners = std::iter::once(outbound)
+    let mut listeners: Vec<ListenerSpec> = std::iter::once(outbound)
         .chain(config.listeners.iter().map(|l| l.spec()))
         .collect();
+    if config.inbound.enabled {
+        listeners.push(ListenerSpec {
+            name: "inbound".into(),
+            // Unused: the sockets are opened inside each pod's namespace.
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            destination: Destination::Inbound,
+            protocol: config.inbound.protocol,
+            port_protocols: config.inbound.ports.clone(),
+            tls: None,
+            upstream_tls: None,
+            port_upstream_tls: Default::default(),
+        });
+    }
     let spec = ServeSpec {
         listeners,
         plugins,
@@ -440,6 +453,10 @@ fn serve(
             },
         )?;
         for listener in listeners.iter() {
+            if listener.destination == Destination::Inbound {
+                tracing::info!(listener = %listener.name, workers = spec.workers, "listening inside each enrolled pod's network namespace (sk_lookup)");
+                continue;
+            }
             tracing::info!(
                 listener = %listener.name,
                 addr = %listener.addr,

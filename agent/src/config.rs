@@ -363,6 +363,17 @@ pub struct EbpfConfig {
     /// detaches and unpins everything it attached.
     #[serde(default)]
     pub keep_on_exit: bool,
+    /// Socket steering: sockops + sockhash + sk_msg hand the bytes of
+    /// same-node socket pairs (pod ↔ agent, agent ↔ local pod) straight to
+    /// the peer socket, skipping TCP/IP. Default false: Cilium removed its
+    /// version and others report stalls (see docs/architecture.md).
+    #[serde(default)]
+    pub socket_steering: bool,
+    /// Kernel-side aya-log records: `off` (default), `error`, `warn`,
+    /// `info`, `debug`, `trace`. Change it while the agent runs with
+    /// `wisp ebpf log-level LEVEL`.
+    #[serde(default)]
+    pub log_level: crate::ebpf::KernelLogLevel,
 }
 
 impl Config {

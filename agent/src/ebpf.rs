@@ -17,30 +17,35 @@ pub mod cli;
 #[cfg(test)]
 mod config_tests;
 pub mod inbound;
+pub mod kernel_log;
 pub mod metrics;
 pub mod pins;
 pub mod policy;
 pub mod probe;
 pub mod services;
+pub mod steering;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockMap};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues, SockHash, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SockOps};
+use aya::programs::sk_msg::SkMsgLink;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup, SkMsg, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use wisp_common::{
     Backend, ConnKey, MAX_BACKENDS, MAX_POLICY_RULES, MAX_SERVICES, MAX_WORKLOADS, META_BUILD,
-    META_CGROUP, OriginalDst, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS, PolicyRule,
-    ProgramCounters, REDIRECT_V4, REDIRECT_V6, RedirectTarget, SERVICE_L7, Service, ServiceKey,
-    Workload, WorkloadCounters, addr_to_words, maps, programs, words_to_addr,
+    META_CGROUP, OriginalDst, PROG_CONNECT4, PROG_CONNECT6, PROG_SK_MSG, PROG_SOCK_OPS, PolicyRule,
+    ProgramCounters, REDIRECT_V4, REDIRECT_V6, RedirectTarget, SERVICE_L7, SETTING_AGENT_NETNS,
+    SETTING_LOG_LEVEL, SETTING_SOCKET_STEERING, Service, ServiceKey, Workload, WorkloadCounters,
+    addr_to_words, maps, programs, words_to_addr,
 };
 
+pub use kernel_log::KernelLogLevel;
 pub use pins::Pins;
 pub use policy::{Cidr, PolicyAction, ResolvedRule};
 pub use services::ResolvedService;
@@ -127,6 +132,10 @@ pub struct DataplaneOptions {
     pub redirect_v4: SocketAddrV4,
     /// Where steered IPv6 connects go; `None` leaves IPv6 untouched.
     pub redirect_v6: Option<SocketAddrV6>,
+    /// sockops + sk_msg redirect between same-node socket pairs.
+    pub socket_steering: bool,
+    /// Kernel-side aya-log records written from the start.
+    pub log_level: KernelLogLevel,
 }
 
 impl DataplaneOptions {
@@ -147,6 +156,8 @@ impl DataplaneOptions {
             redirect_v4,
             // Validated with the config.
             redirect_v6: config.redirect_target_v6().ok().flatten(),
+            socket_steering: config.ebpf.socket_steering,
+            log_level: config.ebpf.log_level,
         }
     }
 }
@@ -209,7 +220,15 @@ pub struct Dataplane {
     sk_lookup: SkLookup,
     inbound_sockets: SockMap<MapData>,
     inbound_pods: HashMap<MapData, [u32; 4], u32>,
-    inbound_stats: Arc<inbound::InboundStats>,
+    inbound_stats: inbound::InboundStats,
+    inbound_listeners: Vec<inbound::InboundListener>,
+    pod_addrs: HashMap<MapData, [u32; 4], u32>,
+    steered_sockets: SockHash<MapData, ConnKey>,
+    /// Attaches `wisp_sk_msg` to the sockhash when this agent loaded it
+    /// (adopted state keeps the attachment with the pinned map).
+    sk_msg_link: Option<SkMsgLink>,
+    socket_steering: bool,
+    _kernel_log: Option<kernel_log::KernelLogReader>,
     /// An IPv6 redirect address is configured: the agent's own IPv6
     /// connections come from it, so IPv6 inbound can exempt them.
     steers_v6: bool,
@@ -285,7 +304,7 @@ impl Dataplane {
         cgroup_root: PathBuf,
     ) -> Result<Dataplane, EbpfError> {
         let build = build_id();
-        let (mut source, links) = if adopted {
+        let (mut source, links, sk_msg_link, kernel_log) = if adopted {
             let links = programs::ALL
                 .iter()
                 .map(|p| {
@@ -295,10 +314,22 @@ impl Dataplane {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            (MapSource::Pinned(pins.clone()), links)
+            let kernel_log = aya::programs::ProgramInfo::from_pin(pins.program(programs::CONNECT4))
+                .ok()
+                .and_then(|info| kernel_log::KernelLogReader::from_program(info.id()).ok());
+            (MapSource::Pinned(pins.clone()), links, None, kernel_log)
         } else {
-            let (ebpf, links) = Self::load_and_attach(&pins, cgroup)?;
-            (MapSource::Loaded(Box::new(ebpf)), links)
+            let (mut ebpf, links, sk_msg_link) = Self::load_and_attach(&pins, cgroup)?;
+            let kernel_log = kernel_log::KernelLogReader::from_loaded(&mut ebpf);
+            if let Err(error) = &kernel_log {
+                tracing::warn!(%error, "kernel logs (ebpf.log_level) will not be shown");
+            }
+            (
+                MapSource::Loaded(Box::new(ebpf)),
+                links,
+                Some(sk_msg_link),
+                kernel_log.ok(),
+            )
         };
 
         let mut meta: Array<MapData, u64> = source.take(maps::META)?;
@@ -318,6 +349,27 @@ impl Dataplane {
         redirect
             .set(REDIRECT_V6, v6, 0)
             .map_err(map_err(maps::REDIRECT))?;
+
+        let mut settings: Array<MapData, u64> = source.take(maps::SETTINGS)?;
+        let agent_netns = current_netns_cookie().map_err(|source| EbpfError::Netns {
+            path: "/proc/self/ns/net".into(),
+            source,
+        })?;
+        for (index, value) in [
+            (SETTING_LOG_LEVEL, options.log_level.to_kernel()),
+            (SETTING_AGENT_NETNS, agent_netns),
+            (SETTING_SOCKET_STEERING, u64::from(options.socket_steering)),
+        ] {
+            settings
+                .set(index, value, 0)
+                .map_err(map_err(maps::SETTINGS))?;
+        }
+        let mut pod_addrs: HashMap<MapData, [u32; 4], u32> = source.take(maps::POD_ADDRS)?;
+        // Pods of an adopted map; enrollment adds the current ones back.
+        let old: Vec<[u32; 4]> = pod_addrs.keys().filter_map(Result::ok).collect();
+        for k in old {
+            let _ = pod_addrs.remove(&k);
+        }
 
         let enrolled_map: HashMap<MapData, u64, Workload> = source.take(maps::ENROLLED)?;
         let stale = enrolled_map.keys().filter_map(Result::ok).collect();
@@ -340,7 +392,13 @@ impl Dataplane {
             })?,
             inbound_sockets: source.take(maps::INBOUND_SOCKETS)?,
             inbound_pods: source.take(maps::INBOUND_PODS)?,
-            inbound_stats: Arc::default(),
+            pod_addrs,
+            steered_sockets: source.take(maps::STEERED_SOCKETS)?,
+            sk_msg_link,
+            socket_steering: options.socket_steering,
+            _kernel_log: kernel_log,
+            inbound_stats: Default::default(),
+            inbound_listeners: Vec::new(),
             steers_v6: options.redirect_v6.is_some(),
             _ebpf: match source {
                 MapSource::Loaded(ebpf) => Some(*ebpf),
@@ -360,6 +418,8 @@ impl Dataplane {
             pin_path = %dataplane.pins.root.display(),
             redirect = %options.redirect_v4,
             redirect_v6 = ?options.redirect_v6,
+            socket_steering = options.socket_steering,
+            kernel_log_level = %options.log_level,
             "eBPF programs {} ({})",
             if adopted { "adopted from their pins, steering never stopped" } else { "attached and pinned" },
             programs::ALL.join(", ")
@@ -380,7 +440,7 @@ impl Dataplane {
     fn load_and_attach(
         pins: &Pins,
         cgroup: &std::fs::File,
-    ) -> Result<(Ebpf, Vec<PinnedLink>), EbpfError> {
+    ) -> Result<(Ebpf, Vec<PinnedLink>, SkMsgLink), EbpfError> {
         let pin_err = |path: PathBuf| {
             move |e: &dyn std::fmt::Display| EbpfError::Pin {
                 path,
@@ -438,7 +498,31 @@ impl Dataplane {
             link.pin(pins.link(name))
                 .map_err(|e| pin_err(pins.link(name))(&e))?,
         );
-        Ok((ebpf, links))
+        // sk_msg attaches to the sockhash, not to the cgroup: the map keeps
+        // the attachment (and its pin keeps the map) with no link to pin.
+        let sock_hash_fd = {
+            let map = ebpf
+                .map(maps::STEERED_SOCKETS)
+                .ok_or(EbpfError::Missing(maps::STEERED_SOCKETS))?;
+            let sock_hash: SockHash<&MapData, ConnKey> =
+                SockHash::try_from(map).map_err(|source| EbpfError::Map {
+                    name: maps::STEERED_SOCKETS,
+                    source,
+                })?;
+            sock_hash
+                .fd()
+                .try_clone()
+                .map_err(|e| pin_err(pins.map(maps::STEERED_SOCKETS))(&e))?
+        };
+        let name = programs::SK_MSG;
+        let prog: &mut SkMsg = program(&mut ebpf, name)?;
+        let err = |source| EbpfError::Program { name, source };
+        prog.load().map_err(err)?;
+        prog.pin(pins.program(name))
+            .map_err(|e| pin_err(pins.program(name))(&e))?;
+        let id = prog.attach(&sock_hash_fd).map_err(err)?;
+        let sk_msg_link = prog.take_link(id).map_err(err)?;
+        Ok((ebpf, links, sk_msg_link))
     }
 
     /// Steers the TCP connects of the pod whose network namespace is `netns`
@@ -477,6 +561,18 @@ impl Dataplane {
             netns_cookie: cookie,
             slot,
         };
+        if self.socket_steering {
+            // The agent's upstream sockets to these addresses are steered.
+            let addrs = steering::pod_addresses(netns).map_err(netns_err)?;
+            for addr in &addrs {
+                self.pod_addrs
+                    .insert(addr_to_words(*addr), slot, 0)
+                    .map_err(|source| EbpfError::Map {
+                        name: maps::POD_ADDRS,
+                        source,
+                    })?;
+            }
+        }
         tracing::info!(workload = name, netns = %netns.display(), cookie, slot, "enrolled");
         self.workloads.push(workload.clone());
         Ok(workload)
@@ -595,8 +691,8 @@ impl Dataplane {
 
     /// Intercepts the inbound connections of every enrolled workload: a
     /// listener inside each pod's namespace, its addresses in the inbound
-    /// map, and `wisp_sk_lookup` attached to the namespace; then starts the
-    /// relay that serves them.
+    /// map, and `wisp_sk_lookup` attached to the namespace. The workers
+    /// serve the listeners ([`Dataplane::inbound_listeners`]).
     pub fn enable_inbound(&mut self) -> Result<(), EbpfError> {
         let map_err = |name| move |source| EbpfError::Map { name, source };
         // Pods of an adopted map that may be gone.
@@ -606,7 +702,7 @@ impl Dataplane {
         }
         let mut listeners = Vec::new();
         let mut stats = inbound::InboundStats::default();
-        for (index, workload) in self.workloads.iter().enumerate() {
+        for workload in &self.workloads {
             let netns_err = |source| EbpfError::Netns {
                 path: workload.netns.clone(),
                 source,
@@ -631,7 +727,6 @@ impl Dataplane {
                     .insert(addr_to_words(*addr), workload.slot, 0)
                     .map_err(map_err(maps::INBOUND_PODS))?;
             }
-            let addrs = pod.addrs;
             let netns = std::fs::File::open(&workload.netns).map_err(netns_err)?;
             self.sk_lookup
                 .attach(netns)
@@ -641,20 +736,37 @@ impl Dataplane {
                 })?;
             tracing::info!(
                 workload = %workload.name,
-                addresses = %inbound::describe(&addrs),
+                addresses = %inbound::describe(&pod.addrs),
                 "inbound connections intercepted"
             );
-            stats
-                .connections
-                .push((workload.name.clone(), std::sync::atomic::AtomicU64::new(0)));
-            listeners.push((index, pod.v4));
+            stats.add(&workload.name, &pod.addrs);
+            let workload = workload.name.clone();
+            listeners.push(inbound::InboundListener {
+                workload: workload.clone(),
+                listener: pod.v4,
+            });
             if let Some(v6) = pod.v6 {
-                listeners.push((index, v6));
+                listeners.push(inbound::InboundListener {
+                    workload,
+                    listener: v6,
+                });
             }
         }
-        self.inbound_stats = Arc::new(stats);
-        inbound::spawn_relay(listeners, self.inbound_stats.clone());
+        self.inbound_stats = stats;
+        self.inbound_listeners = listeners;
         Ok(())
+    }
+
+    /// The agent's listeners inside the enrolled pods' namespaces (empty
+    /// unless `inbound.enabled`); every worker accepts on them.
+    pub fn inbound_listeners(&self) -> &[inbound::InboundListener] {
+        &self.inbound_listeners
+    }
+
+    /// Counts an inbound connection to the pod address `destination`; the
+    /// name of the workload it is going to.
+    pub fn inbound_accepted(&self, destination: IpAddr) -> Option<&str> {
+        self.inbound_stats.accepted(destination)
     }
 
     /// Inbound connections intercepted per workload.
@@ -851,6 +963,7 @@ impl Dataplane {
             (programs::CONNECT6, PROG_CONNECT6),
             (programs::SOCK_OPS, PROG_SOCK_OPS),
             (programs::SK_LOOKUP, wisp_common::PROG_SK_LOOKUP),
+            (programs::SK_MSG, PROG_SK_MSG),
         ]
         .into_iter()
         .map(|(program, index)| {
@@ -861,6 +974,11 @@ impl Dataplane {
             ProgramStats { program, counters }
         })
         .collect()
+    }
+
+    /// Sockets in the socket-steering sockhash right now.
+    pub fn steered_sockets(&self) -> u64 {
+        self.steered_sockets.keys().filter(Result::is_ok).count() as u64
     }
 
     /// How many connects each policy rule matched.
@@ -890,6 +1008,8 @@ fn per_cpu_sums(counters: &Mutex<PerCpuArray<MapData, u64>>, count: usize) -> Ve
 impl Drop for Dataplane {
     fn drop(&mut self) {
         if self.keep_on_exit {
+            // Dropping the link would detach sk_msg from the pinned sockhash.
+            std::mem::forget(self.sk_msg_link.take());
             tracing::info!(
                 pin_path = %self.pins.root.display(),
                 "ebpf.keep_on_exit: leaving the eBPF programs attached and pinned for the next agent ({})",

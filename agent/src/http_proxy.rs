@@ -1025,7 +1025,18 @@ fn properties(
     .into_iter()
     .chain(tls)
     .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+    .chain(std::iter::once(listener_direction(conn)))
     .collect()
+}
+
+/// Envoy's `listener_direction` attribute (an int64: 1 INBOUND, 2
+/// OUTBOUND), so a plugin can tell connections into a pod from those out.
+fn listener_direction(conn: &ConnectionInfo) -> (String, Vec<u8>) {
+    let direction: i64 = if conn.listener == "inbound" { 1 } else { 2 };
+    (
+        "listener_direction".to_owned(),
+        direction.to_le_bytes().to_vec(),
+    )
 }
 
 /// The request headers as Proxy-Wasm plugins see them in Envoy: pseudo-headers

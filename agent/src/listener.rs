@@ -21,6 +21,11 @@ pub enum Destination {
     /// iptables REDIRECT captured it; `SO_ORIGINAL_DST` tells where it was
     /// going (`wisp proxy --upstream original-dst`, sidecar mode).
     OriginalDst,
+    /// Inbound: `wisp_sk_lookup` handed a connection arriving at an enrolled
+    /// pod to the agent's listener inside that pod's namespace; the accepted
+    /// socket's local address is the pod IP:port the client asked for. The
+    /// listeners come from the dataplane (`inbound.enabled`), not from `addr`.
+    Inbound,
 }
 
 /// The protocol spoken on a connection.
@@ -39,7 +44,7 @@ pub enum Protocol {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct ListenerSpec {
-    /// For logs and metrics: `outbound`, `proxy`.
+    /// For logs and metrics: `outbound`, `inbound`, `proxy`.
     pub name: String,
     pub addr: SocketAddr,
     pub destination: Destination,

@@ -147,10 +147,14 @@ fn run_worker(
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
         let setup = (|| {
+            // Inbound listeners come from the dataplane (see `accept_inbound`).
             let sockets = context
                 .listeners
                 .iter()
-                .map(|spec| listen(spec.addr))
+                .map(|spec| match spec.destination {
+                    Destination::Inbound => Ok(None),
+                    _ => listen(spec.addr).map(Some),
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let tls_err = |source| WorkerError::Tls { index, source };
             let acceptors = context
@@ -248,6 +252,16 @@ fn run_worker(
             .enumerate()
             .map(
                 |(listener_index, (((spec, socket), tls), port_upstreams))| {
+                    let Some(socket) = socket else {
+                        return tokio::task::spawn_local(accept_inbound(
+                            listener_index,
+                            spec,
+                            http.clone(),
+                            network.clone(),
+                            connections.clone(),
+                            context.clone(),
+                        ));
+                    };
                     let listener = Listener {
                         index: listener_index,
                         spec,
@@ -356,8 +370,6 @@ fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener, WorkerError> {
     tokio::net::TcpListener::from_std(socket.into()).map_err(err)
 }
 
-/// Accepts until shutdown; connections run as local tasks tracked by
-/// `connections` so the worker can drain them.
 /// One of a worker's listening sockets and what it serves.
 struct Listener {
     index: usize,
@@ -370,6 +382,70 @@ struct Listener {
     port_upstreams: std::collections::BTreeMap<u16, usize>,
 }
 
+/// An inbound listener spec: once the kernel side is up, accepts on the
+/// agent's listener in every enrolled pod (each worker on its own duplicate
+/// descriptor; the kernel wakes them and one wins each connection).
+async fn accept_inbound(
+    index: usize,
+    spec: ListenerSpec,
+    http: Rc<HttpWorker>,
+    network: Rc<NetworkFilters>,
+    connections: TaskTracker,
+    mut context: WorkerContext,
+) {
+    // The dataplane is set right after the workers are ready (they start
+    // first so steered connects never meet a closed port); until then an
+    // inbound connection simply waits in its listener's backlog.
+    let dataplane = loop {
+        if let Some(dataplane) = context.dataplane.get() {
+            break dataplane.clone();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = context.shutdown.wait_for(|stop| *stop) => return,
+        }
+    };
+    // Duplicate the descriptors under the lock, then accept without it.
+    let inbound_sockets: Vec<(String, std::io::Result<std::net::TcpListener>)> = {
+        let dataplane = dataplane.read().unwrap_or_else(|e| e.into_inner());
+        dataplane
+            .inbound_listeners()
+            .iter()
+            .map(|inbound| (inbound.workload.clone(), inbound.listener.try_clone()))
+            .collect()
+    };
+    let mut tasks = Vec::new();
+    for (workload, socket) in inbound_sockets {
+        let socket = socket.and_then(tokio::net::TcpListener::from_std);
+        let socket = match socket {
+            Ok(socket) => socket,
+            Err(error) => {
+                tracing::error!(%workload, %error, "inbound listener");
+                continue;
+            }
+        };
+        let listener = Listener {
+            index,
+            spec: spec.clone(),
+            socket,
+            tls: None,
+            port_upstreams: Default::default(),
+        };
+        tasks.push(tokio::task::spawn_local(accept_loop(
+            listener,
+            http.clone(),
+            network.clone(),
+            connections.clone(),
+            context.clone(),
+        )));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Accepts until shutdown; connections run as local tasks tracked by
+/// `connections` so the worker can drain them.
 async fn accept_loop(
     listener: Listener,
     http: Rc<HttpWorker>,
@@ -517,6 +593,16 @@ fn connection_info(
                 None
             }
         },
+        Destination::Inbound => {
+            // Not NATed: the local address is where the client was going.
+            let destination = stream.local_addr().ok()?;
+            if let Some(dataplane) = context.dataplane.get() {
+                let dataplane = dataplane.read().unwrap_or_else(|e| e.into_inner());
+                let workload = dataplane.inbound_accepted(destination.ip());
+                tracing::debug!(%peer, %destination, ?workload, "inbound connection");
+            }
+            Some(info(destination, "unknown".to_owned()))
+        }
         Destination::Steered => {
             let steered = context.dataplane.get().and_then(|dataplane| {
                 let local = stream.local_addr().ok()?;

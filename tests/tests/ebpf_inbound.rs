@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use wisp_testbed::agent::{Agent, metric, test_pin_path};
 use wisp_testbed::node::SimNode;
 use wisp_testbed::sockets::{http_get, peer_of, unmap};
-use wisp_testbed::{artifacts, leftovers};
+use wisp_testbed::{artifacts, http, leftovers};
 
 const LISTEN_PORT: u16 = 15407;
 const ADMIN: &str = "127.0.0.1:15497";
@@ -36,10 +36,12 @@ fn connections_into_an_enrolled_pod_go_through_the_agent_without_looping() {
     let yaml = format!(
         "outbound:\n  listen: '[::]:{LISTEN_PORT}'\n  redirect_address: {}\n  redirect_address_v6: '{}'\nadmin:\n  listen: {ADMIN}\nworkers: 1\n\
          ebpf:\n  pin_path: {}\ninbound:\n  enabled: true\n\
+         plugins:\n  - name: header-filter\n    module: {}\n    configuration: '{{\"header_value\": \"inbound\"}}'\n\
          workloads:\n  - name: a\n    netns: {}\n  - name: b\n    netns: {}\n",
         node.node_ip(),
         node.node_ip6(),
         test_pin_path(LISTEN_PORT).display(),
+        artifacts::header_filter_wasm().unwrap().display(),
         a.netns_path().display(),
         b.netns_path().display(),
     );
@@ -70,6 +72,23 @@ fn connections_into_an_enrolled_pod_go_through_the_agent_without_looping() {
     // The client's view is untouched: no NAT, it is connected to b.
     assert_eq!(peer_of(&c.netns_path(), b_addr).unwrap(), b_addr);
 
+    // Through the HTTP filter chain: the filter's response header on the
+    // way back, and its 403 for the marker header, which b never sees.
+    let filtered = http::get(c, b_addr, "/filtered", &[("x-test", "in")]).unwrap();
+    assert_eq!(filtered.status, 200, "{filtered:?}\n{}", agent.log());
+    assert_eq!(
+        filtered.header("x-wisp-filter"),
+        Some("inbound"),
+        "{filtered:?}"
+    );
+    let seen = filtered.echo().expect("the echo server's JSON");
+    assert_eq!(seen["path"], "/filtered", "b saw the request");
+    assert_eq!(seen["headers"]["x-test"], "in");
+    let denied = http::get(c, b_addr, "/secret", &[("x-wisp-deny", "1")]).unwrap();
+    assert_eq!(denied.status, 403, "{denied:?}\n{}", agent.log());
+    assert_eq!(denied.header("x-wisp-denied-by"), Some("inbound"));
+    assert!(denied.echo().is_none(), "b answered a denied request");
+
     // IPv6 too: c → [b]:8080.
     let b6 = SocketAddr::from((b.ip6, 8080));
     let reply = http_get(&c.netns_path(), b6, "/in6").unwrap();
@@ -97,9 +116,22 @@ fn connections_into_an_enrolled_pod_go_through_the_agent_without_looping() {
             "wisp_inbound_connections_total",
             &[("workload", "b")]
         ),
-        4.0,
-        "c's four connections: {metrics}"
+        6.0,
+        "c's six connections: {metrics}"
     );
+    // Metrics tell inbound from outbound by listener: c's four HTTP
+    // connections in, the two peer_of connects (silent, so TCP) in, and
+    // b's and a's two HTTP connections out.
+    let connections = |listener: &str, protocol: &str| {
+        metric(
+            &metrics,
+            "wisp_downstream_connections_total",
+            &[("listener", listener), ("protocol", protocol)],
+        )
+    };
+    assert_eq!(connections("inbound", "http1"), 4.0, "{metrics}");
+    assert_eq!(connections("inbound", "tcp"), 2.0, "{metrics}");
+    assert_eq!(connections("outbound", "http1"), 2.0, "{metrics}");
     assert_eq!(
         metric(
             &metrics,
@@ -114,7 +146,7 @@ fn connections_into_an_enrolled_pod_go_through_the_agent_without_looping() {
             "wisp_kernel_program_actions_total",
             &[("program", "wisp_sk_lookup")]
         ),
-        4.0,
+        6.0,
         "{metrics}"
     );
 

@@ -95,7 +95,8 @@ enum Bench {
     },
     /// The Proxy-Wasm host's criterion benchmarks: per-request cost, instantiation, memory.
     Wasm,
-    /// Connection capture cost: direct vs eBPF steering vs iptables DNAT (needs root).
+    /// Connection capture cost: direct vs eBPF steering vs iptables DNAT, and bulk
+    /// throughput with socket steering off and on (needs root).
     Redirect {
         /// Connections to open per setup.
         #[arg(long, default_value_t = 2000)]

@@ -1,15 +1,19 @@
 //! `wisp ebpf status` and `wisp ebpf detach`: what wisp has attached and
 //! pinned on this node, and removing all of it (for uninstalling, or after an
-//! agent that kept its programs with `ebpf.keep_on_exit` is gone for good).
+//! agent that kept its programs with `ebpf.keep_on_exit` is gone for good);
+//! `wisp ebpf log-level` changes the kernel programs' log level at runtime.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, Map, MapData};
 use aya::programs::links::{FdLink, PinnedLink};
-use wisp_common::{META_BUILD, META_CGROUP, REDIRECT_V4, REDIRECT_V6, RedirectTarget, maps};
+use wisp_common::{
+    META_BUILD, META_CGROUP, REDIRECT_V4, REDIRECT_V6, RedirectTarget, SETTING_LOG_LEVEL,
+    SETTING_SOCKET_STEERING, maps,
+};
 
-use super::{DEFAULT_PIN_PATH, Pins, build_id, pins};
+use super::{DEFAULT_PIN_PATH, KernelLogLevel, Pins, build_id, pins};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum EbpfCommand {
@@ -27,6 +31,15 @@ pub enum EbpfCommand {
         #[arg(long, default_value = DEFAULT_PIN_PATH)]
         pin_path: PathBuf,
     },
+    /// Set the kernel programs' log level while they run (aya-log records,
+    /// shown in the agent's log as `wisp::kernel`): off, error, warn, info,
+    /// debug or trace. Lasts until the agent restarts with `ebpf.log_level`.
+    LogLevel {
+        level: KernelLogLevel,
+        /// The agent's `ebpf.pin_path`.
+        #[arg(long, default_value = DEFAULT_PIN_PATH)]
+        pin_path: PathBuf,
+    },
 }
 
 /// Runs the subcommand; the text is printed on stdout.
@@ -36,6 +49,29 @@ pub fn run(command: &EbpfCommand) -> Result<String, String> {
     }
     match command {
         EbpfCommand::Status { pin_path } => Ok(status(&Pins::new(pin_path))),
+        EbpfCommand::LogLevel { level, pin_path } => {
+            let pins = Pins::new(pin_path);
+            let path = pins.map(maps::SETTINGS);
+            let mut settings = MapData::from_pin(&path)
+                .ok()
+                .and_then(|m| Map::from_map_data(m).ok())
+                .and_then(|m| Array::<MapData, u64>::try_from(m).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "no wisp settings map at {} (is an agent running with this ebpf.pin_path?)",
+                        path.display()
+                    )
+                })?;
+            let previous = settings.get(&SETTING_LOG_LEVEL, 0).unwrap_or(0);
+            settings
+                .set(SETTING_LOG_LEVEL, level.to_kernel(), 0)
+                .map_err(|e| format!("writing {}: {e}", path.display()))?;
+            Ok(format!(
+                "kernel log level {} (was {})\n",
+                level,
+                KernelLogLevel::from_kernel(previous)
+            ))
+        }
         EbpfCommand::Detach { pin_path } => {
             let pins = Pins::new(pin_path);
             if !pins.root.exists() {
@@ -165,6 +201,17 @@ fn status(pins: &Pins) -> String {
             out,
             "enrolled network namespaces: {}",
             enrolled.keys().filter(Result::is_ok).count()
+        );
+    }
+    if let Some(settings) =
+        open(maps::SETTINGS).and_then(|m| Array::<MapData, u64>::try_from(m).ok())
+    {
+        let steering = settings.get(&SETTING_SOCKET_STEERING, 0).unwrap_or(0) != 0;
+        let level = KernelLogLevel::from_kernel(settings.get(&SETTING_LOG_LEVEL, 0).unwrap_or(0));
+        let _ = writeln!(
+            out,
+            "socket steering {}; kernel log level {level}",
+            if steering { "on" } else { "off" }
         );
     }
     out

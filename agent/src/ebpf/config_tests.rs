@@ -83,3 +83,27 @@ fn ebpf_section_defaults() {
         std::path::Path::new(super::DEFAULT_PIN_PATH)
     );
 }
+
+#[test]
+fn socket_steering_and_kernel_log_level_default_off_and_parse() {
+    let config = load(BASE).unwrap();
+    assert!(!config.ebpf.socket_steering);
+    assert_eq!(config.ebpf.log_level, crate::ebpf::KernelLogLevel::Off);
+    let config = load(&format!(
+        "{BASE}ebpf:\n  socket_steering: true\n  log_level: debug\ninbound:\n  enabled: true\n  ports: {{5432: tcp}}\n"
+    ))
+    .unwrap();
+    assert!(config.ebpf.socket_steering);
+    assert_eq!(config.ebpf.log_level, crate::ebpf::KernelLogLevel::Debug);
+    assert_eq!(
+        config.inbound.ports.get(&5432),
+        Some(&crate::listener::Protocol::Tcp)
+    );
+}
+
+#[test]
+fn an_unknown_kernel_log_level_is_named_with_its_line() {
+    let err = load(&format!("{BASE}ebpf:\n  log_level: loud\n")).unwrap_err();
+    assert!(err.contains(":9:"), "{err}");
+    assert!(err.contains("loud"), "{err}");
+}

@@ -5,35 +5,77 @@
 //! accepted socket's local address is the pod IP:port the client asked for
 //! (the original destination), and the reply path is the ordinary one.
 //!
-//! The agent forwards each connection from the host namespace to that pod
-//! IP:port; the kernel lets it through because it comes from the agent's
-//! redirect address (loop avoidance by source). Today the inbound chain is a
-//! TCP relay; the HTTP filter chain can take over these listeners through
-//! [`Dataplane::inbound_listeners`](super::Dataplane).
+//! Every worker accepts on these listeners (a listener of kind
+//! [`Destination::Inbound`](crate::listener::Destination), named `inbound`)
+//! and serves them exactly as steered outbound connections: protocol
+//! detection, the HTTP filter chain (plugins see `listener_direction` 1,
+//! INBOUND, as in Envoy), TCP pass-through for the rest. The agent forwards
+//! each connection from the host namespace to that pod IP:port; the kernel
+//! lets it through because it comes from the agent's redirect address (loop
+//! avoidance by source).
 
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+
+use crate::listener::Protocol;
 
 /// `inbound:` in the agent config.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct InboundConfig {
-    /// Intercept connections arriving at enrolled pods (IPv4, TCP).
-    /// Default false.
+    /// Intercept connections arriving at enrolled pods (TCP; IPv6 too when
+    /// `outbound.redirect_address_v6` is set). Default false.
     #[serde(default)]
     pub enabled: bool,
+    /// Protocol of inbound connections, as `outbound.protocol`: `auto`
+    /// (default), `http1`, `http2` or `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Per destination (pod) port, overriding `protocol`.
+    #[serde(default)]
+    pub ports: BTreeMap<u16, Protocol>,
 }
 
-/// Per-workload counts of intercepted inbound connections.
+/// One of the agent's inbound listeners, inside an enrolled pod's namespace.
+pub struct InboundListener {
+    pub workload: String,
+    pub listener: TcpListener,
+}
+
+/// Per-workload counts of intercepted inbound connections, found by the
+/// pod address a connection was going to.
 #[derive(Debug, Default)]
 pub struct InboundStats {
     pub connections: Vec<(String, AtomicU64)>,
-    pub upstream_errors: AtomicU64,
+    by_addr: HashMap<IpAddr, usize>,
+}
+
+impl InboundStats {
+    /// Adds a workload and the addresses its inbound connections go to.
+    pub fn add(&mut self, workload: &str, addrs: &[IpAddr]) {
+        let index = self.connections.len();
+        self.connections
+            .push((workload.to_owned(), AtomicU64::new(0)));
+        for addr in addrs {
+            self.by_addr.insert(*addr, index);
+        }
+    }
+
+    /// Counts a connection to `destination`; the workload it is going to.
+    pub fn accepted(&self, destination: IpAddr) -> Option<&str> {
+        let ip = match destination {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(destination, IpAddr::V4),
+            v4 => v4,
+        };
+        let (name, count) = &self.connections[*self.by_addr.get(&ip)?];
+        count.fetch_add(1, Ordering::Relaxed);
+        Some(name)
+    }
 }
 
 /// The inbound listeners of one pod and its addresses.
@@ -61,111 +103,12 @@ pub fn open_listener(netns: &Path) -> std::io::Result<PodListeners> {
                 if let Some(v6) = &v6 {
                     v6.set_nonblocking(true)?;
                 }
-                let mut addrs = Vec::new();
-                for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
-                    let Some(address) = ifa.address else { continue };
-                    if let Some(a) = address.as_sockaddr_in() {
-                        addrs.push(IpAddr::V4(a.ip()));
-                    } else if let Some(a) = address.as_sockaddr_in6() {
-                        let ip = a.ip();
-                        // fe80::/10 is per link, not the pod's address.
-                        if v6.is_some() && (ip.segments()[0] & 0xffc0) != 0xfe80 {
-                            addrs.push(IpAddr::V6(ip));
-                        }
-                    }
-                }
-                addrs.retain(|ip| !ip.is_loopback());
+                let addrs = super::steering::addresses_here(v6.is_some())?;
                 Ok(PodListeners { v4, v6, addrs })
             })
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
     })
-}
-
-/// Runs the inbound relay on a thread of its own: accept on each pod's
-/// listener, connect to the original destination (the accepted socket's
-/// local address) from the host namespace, and copy both ways.
-pub fn spawn_relay(listeners: Vec<(usize, TcpListener)>, stats: Arc<InboundStats>) {
-    if listeners.is_empty() {
-        return;
-    }
-    let spawned = std::thread::Builder::new()
-        .name("wisp-inbound".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    tracing::error!(%error, "inbound relay: cannot build its runtime");
-                    return;
-                }
-            };
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, async move {
-                let mut tasks = Vec::new();
-                for (index, listener) in listeners {
-                    let stats = stats.clone();
-                    tasks.push(tokio::task::spawn_local(accept_loop(
-                        index, listener, stats,
-                    )));
-                }
-                for task in tasks {
-                    let _ = task.await;
-                }
-            });
-        });
-    if let Err(error) = spawned {
-        tracing::error!(%error, "cannot start the inbound relay thread");
-    }
-}
-
-async fn accept_loop(index: usize, listener: TcpListener, stats: Arc<InboundStats>) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%error, "inbound listener");
-            return;
-        }
-    };
-    loop {
-        let (downstream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                tracing::warn!(%error, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(original) = downstream.local_addr() else {
-            continue;
-        };
-        if let Some((_, count)) = stats.connections.get(index) {
-            count.fetch_add(1, Ordering::Relaxed);
-        }
-        let stats = stats.clone();
-        tokio::task::spawn_local(async move {
-            let workload = stats
-                .connections
-                .get(index)
-                .map_or("?", |(name, _)| name.as_str())
-                .to_owned();
-            tracing::debug!(%peer, %original, workload, "inbound connection");
-            let mut downstream = downstream;
-            match tokio::net::TcpStream::connect(original).await {
-                Ok(mut upstream) => {
-                    let _ = downstream.set_nodelay(true);
-                    let _ = upstream.set_nodelay(true);
-                    let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-                }
-                Err(error) => {
-                    stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, %original, workload, %error, "inbound: cannot reach the pod");
-                }
-            }
-        });
-    }
 }
 
 /// For logs.

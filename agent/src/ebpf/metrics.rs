@@ -101,6 +101,15 @@ pub fn encode(
         ConstCounter::new(stats.connects).encode(family.encode_family(&labels)?)?;
     }
 
+    let family = encoder.encode_descriptor(
+        "wisp_kernel_steered_sockets",
+        "Sockets in the socket-steering sockhash now (ebpf.socket_steering; the kernel drops them as they close)",
+        None,
+        MetricType::Gauge,
+    )?;
+    prometheus_client::metrics::gauge::ConstGauge::new(dataplane.steered_sockets() as i64)
+        .encode(family)?;
+
     let inbound = dataplane.inbound_counters();
     let mut family = encoder.encode_descriptor(
         "wisp_inbound_connections",

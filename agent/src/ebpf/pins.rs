@@ -49,6 +49,7 @@ impl Pins {
             .iter()
             .all(|p| self.link(p).exists() && self.program(p).exists())
             && self.program(programs::SK_LOOKUP).exists()
+            && self.program(programs::SK_MSG).exists()
             && maps::ALL.iter().all(|m| self.map(m).exists())
     }
 

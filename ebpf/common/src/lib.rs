@@ -54,9 +54,19 @@ pub mod maps {
     /// `HashMap<[u32; 4], u32>`: address of a pod (IPv4 mapped) whose inbound
     /// connections are intercepted → its slot.
     pub const INBOUND_PODS: &str = "WISP_INBOUND_PODS";
+    /// `Array<u64>`: settings the agent writes at runtime ([`SETTING_LOG_LEVEL`](super::SETTING_LOG_LEVEL) …).
+    pub const SETTINGS: &str = "WISP_SETTINGS";
+    /// `SockHash<ConnKey>`: sockets of same-node pairs (socket steering), by
+    /// their own 4-tuple (local end as `src`).
+    pub const STEERED_SOCKETS: &str = "WISP_STEERED_SOCKETS";
+    /// `HashMap<ConnKey, u32>`: how each of those sockets sends
+    /// ([`SOCKET_REDIRECT`](super::SOCKET_REDIRECT) or [`SOCKET_TCP`](super::SOCKET_TCP)).
+    pub const SOCKET_MODE: &str = "WISP_SOCKET_MODE";
+    /// `HashMap<[u32; 4], u32>`: addresses of enrolled pods → slot.
+    pub const POD_ADDRS: &str = "WISP_POD_ADDRS";
 
     /// Every map, in the order they are pinned.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 19] = [
         ENROLLED,
         REDIRECT,
         PENDING,
@@ -72,6 +82,10 @@ pub mod maps {
         PEER,
         INBOUND_SOCKETS,
         INBOUND_PODS,
+        SETTINGS,
+        STEERED_SOCKETS,
+        SOCKET_MODE,
+        POD_ADDRS,
     ];
 }
 
@@ -85,6 +99,9 @@ pub mod programs {
     /// `sk_lookup`, attached to each pod's network namespace (not pinned
     /// there: it goes with the agent's inbound listeners).
     pub const SK_LOOKUP: &str = "wisp_sk_lookup";
+    /// `sk_msg`, attached to the `WISP_STEERED_SOCKETS` sockhash (the
+    /// attachment lives with the pinned map; there is no link).
+    pub const SK_MSG: &str = "wisp_sk_msg";
     /// The programs attached at the cgroup root, in the order they are
     /// attached; each has a pinned link.
     pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SOCK_OPS, GETPEERNAME4, GETPEERNAME6];
@@ -116,7 +133,33 @@ pub const PROG_CONNECT4: u32 = 0;
 pub const PROG_CONNECT6: u32 = 1;
 pub const PROG_SOCK_OPS: u32 = 2;
 pub const PROG_SK_LOOKUP: u32 = 3;
-pub const PROGRAM_COUNT: u32 = 4;
+/// `runs`: messages sent on steered sockets; `acted`: delivered straight to
+/// the peer socket; `errors`: a socket that could not enter the sockhash.
+pub const PROG_SK_MSG: u32 = 4;
+pub const PROGRAM_COUNT: u32 = 5;
+
+/// Capacity of the socket-steering sockhash (and of its mode map).
+pub const MAX_STEERED_SOCKETS: u32 = 65_536;
+/// Modes of a steered socket, decided at its first send.
+pub const SOCKET_REDIRECT: u32 = 1;
+pub const SOCKET_TCP: u32 = 2;
+
+/// Indexes of the settings map.
+pub const SETTING_LOG_LEVEL: u32 = 0;
+/// 1: sock_ops puts same-node socket pairs into the sockhash.
+pub const SETTING_SOCKET_STEERING: u32 = 1;
+/// Cookie of the agent's network namespace.
+pub const SETTING_AGENT_NETNS: u32 = 2;
+pub const SETTINGS_ENTRIES: u32 = 4;
+
+/// Kernel log levels in `SETTINGS[SETTING_LOG_LEVEL]` (aya-log's order);
+/// a log line is written when its level is at most the setting.
+pub const LOG_OFF: u64 = 0;
+pub const LOG_ERROR: u64 = 1;
+pub const LOG_WARN: u64 = 2;
+pub const LOG_INFO: u64 = 3;
+pub const LOG_DEBUG: u64 = 4;
+pub const LOG_TRACE: u64 = 5;
 
 /// Indexes of the meta map: a hash of the eBPF object that created the pinned
 /// state, and the cgroup (inode) its programs are attached to.

@@ -9,7 +9,15 @@
 //!   the agent's IPv4 address, mapped.
 //! * `wisp_sock_ops` (`sockops`): when such a steered connection completes its
 //!   handshake, re-key that record by the 4-tuple so the agent can look it up
-//!   from the socket it accepts.
+//!   from the socket it accepts; with socket steering on, put the sockets of
+//!   same-node pairs (application ↔ agent, agent ↔ local server) into
+//!   `WISP_STEERED_SOCKETS`.
+//! * `wisp_sk_msg` (`sk_msg`, attached to that sockhash): moves what one
+//!   socket of a pair sends straight into its peer's receive queue
+//!   (`bpf_msg_redirect_hash` with `BPF_F_INGRESS`), skipping TCP/IP.
+//!
+//! Kernel-side debug logs go through aya-log, gated by the level the agent
+//! writes into `WISP_SETTINGS` (0, off, by default: one array read).
 //!
 //! Enrollment is by network-namespace cookie: every container of a pod shares
 //! the pod's namespace, and the agent runs in the host namespace, which is
@@ -25,17 +33,23 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, bpf_sock_addr},
+    bindings::{
+        BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_addr,
+    },
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_lookup, sk_msg, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash, SockMap},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext},
 };
+use aya_log_ebpf::debug;
 use wisp_common::{
-    ANY_WORKLOAD, Backend, ConnKey, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_POLICY_RULES,
-    MAX_SERVICES, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS, META_ENTRIES, OriginalDst, POLICY_DENY,
-    PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP, PROG_SOCK_OPS, PROGRAM_COUNT, PolicyRule,
-    ProgramCounters, REDIRECT_V4, REDIRECT_V6, RedirectTarget, SERVICE_L7, Service, ServiceKey,
+    ANY_WORKLOAD, Backend, ConnKey, LOG_DEBUG, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE,
+    MAX_POLICY_RULES, MAX_SERVICES, MAX_STEERED_SOCKETS, MAX_TRACKED_CONNECTIONS, MAX_WORKLOADS,
+    META_ENTRIES, OriginalDst, POLICY_DENY, PROG_CONNECT4, PROG_CONNECT6, PROG_SK_LOOKUP,
+    PROG_SK_MSG, PROG_SOCK_OPS, PROGRAM_COUNT, PolicyRule, ProgramCounters, REDIRECT_V4,
+    REDIRECT_V6, RedirectTarget, SERVICE_L7, SETTING_AGENT_NETNS, SETTING_LOG_LEVEL,
+    SETTING_SOCKET_STEERING, SETTINGS_ENTRIES, SOCKET_REDIRECT, SOCKET_TCP, Service, ServiceKey,
     Workload, WorkloadCounters,
 };
 
@@ -100,6 +114,25 @@ static INBOUND_SOCKETS: SockMap = SockMap::with_max_entries(2 * MAX_WORKLOADS, 0
 
 #[map(name = "WISP_INBOUND_PODS")]
 static INBOUND_PODS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(2 * MAX_WORKLOADS, 0);
+
+/// Written by the agent: log level, socket steering on/off, its own netns.
+#[map(name = "WISP_SETTINGS")]
+static SETTINGS: Array<u64> = Array::with_max_entries(SETTINGS_ENTRIES, 0);
+
+/// Sockets of same-node pairs, by their own 4-tuple (local as `src`).
+#[map(name = "WISP_STEERED_SOCKETS")]
+static STEERED_SOCKETS: SockHash<ConnKey> = SockHash::with_max_entries(MAX_STEERED_SOCKETS, 0);
+
+/// How each socket in `WISP_STEERED_SOCKETS` sends, decided at its first
+/// send and kept: [`SOCKET_REDIRECT`] or [`SOCKET_TCP`]. A plain hash (not
+/// LRU: a forgotten "TCP" would let later bytes overtake earlier ones),
+/// emptied as sockets close; it holds at most one entry per socket there.
+#[map(name = "WISP_SOCKET_MODE")]
+static SOCKET_MODE: HashMap<ConnKey, u32> = HashMap::with_max_entries(MAX_STEERED_SOCKETS, 0);
+
+/// Addresses of enrolled pods, for the agent's upstream sockets to them.
+#[map(name = "WISP_POD_ADDRS")]
+static POD_ADDRS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(2 * MAX_WORKLOADS, 0);
 
 /// `::ffff:0:0/96`, the IPv4-mapped prefix, as the third address word.
 const MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
@@ -208,6 +241,16 @@ fn connect(ctx: &SockAddrContext, prog: u32, dst: [u32; 4], is_v4_socket: bool) 
     }
     let _ = PEER.insert(&socket_cookie, &original, 0);
     rewrite(addr, target.ip, target.port, is_v4_socket);
+    if log_enabled(LOG_DEBUG) {
+        debug!(
+            ctx,
+            "connect steered: workload slot {} port {} -> agent port {} (socket cookie {})",
+            workload.slot,
+            dst_port,
+            target.port,
+            socket_cookie
+        );
+    }
     count(workload.slot, |c| c.connects_redirected += 1);
     count_program(prog, |c| c.acted += 1);
     ALLOW
@@ -414,29 +457,36 @@ fn policy_denies(slot: u32, dst: &[u32; 4], port: u16) -> bool {
 
 #[sock_ops]
 pub fn wisp_sock_ops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         count_program(PROG_SOCK_OPS, |c| c.runs += 1);
-        record_established(&ctx);
+        let steered = record_established(&ctx);
+        if setting(SETTING_SOCKET_STEERING) != 0 {
+            steer_socket(&ctx, true, steered);
+        }
+    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        if setting(SETTING_SOCKET_STEERING) != 0 {
+            steer_socket(&ctx, false, false);
+        }
+    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == TCP_CLOSE {
+        // Only sockets that entered the sockhash ask for this callback. The
+        // kernel drops them from the sockhash itself; forget their mode.
+        if let Some(key) = own_key(&ctx) {
+            let _ = SOCKET_MODE.remove(&key);
+        }
     }
     0
 }
 
-/// Moves the original destination of a steered socket from its cookie to the
-/// 4-tuple the agent will see. This runs when the client's handshake completes,
-/// before its final ACK leaves, so the record exists before the agent can
-/// accept the connection.
+const TCP_CLOSE: u32 = 7;
+
+/// The socket's 4-tuple with its own end as `src`, addresses in map form.
 #[inline(always)]
-fn record_established(ctx: &SockOpsContext) {
+fn own_key(ctx: &SockOpsContext) -> Option<ConnKey> {
     let family = ctx.family();
     if family != AF_INET && family != AF_INET6 {
-        return;
+        return None;
     }
-    // SAFETY: reads the socket cookie of the context's socket.
-    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: copied out at once; a concurrent delete can only make us miss.
-    let Some(original) = (unsafe { PENDING.get(&socket_cookie) }).copied() else {
-        return;
-    };
     // Every field is read, with fixed offsets, before choosing: the
     // verifier refuses context accesses at offsets computed in a register,
     // which is what LLVM makes of a branch between two fields.
@@ -465,14 +515,31 @@ fn record_established(ctx: &SockOpsContext) {
         ([0, 0, MAPPED_WORD, local4], [0, 0, MAPPED_WORD, remote4])
     } else {
         // A dual-stack socket's IPv4 connection shows its addresses mapped
-        // here, which is the form the map keeps anyway.
+        // here, which is the form the maps keep anyway.
         (local6, remote6)
     };
-    let key = ConnKey {
+    Some(ConnKey {
         src_ip,
         dst_ip,
         src_port: ctx.local_port() as u16,
         dst_port: remote_port(ctx.remote_port()),
+    })
+}
+
+/// Moves the original destination of a steered socket from its cookie to the
+/// 4-tuple the agent will see. This runs when the client's handshake completes,
+/// before its final ACK leaves, so the record exists before the agent can
+/// accept the connection. Returns whether the socket was a steered one.
+#[inline(always)]
+fn record_established(ctx: &SockOpsContext) -> bool {
+    // SAFETY: reads the socket cookie of the context's socket.
+    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: copied out at once; a concurrent delete can only make us miss.
+    let Some(original) = (unsafe { PENDING.get(&socket_cookie) }).copied() else {
+        return false;
+    };
+    let Some(key) = own_key(ctx) else {
+        return false;
     };
     if ORIGINAL_DST.insert(&key, &original, 0).is_ok() {
         count(original.slot, |c| c.connections_established += 1);
@@ -481,6 +548,150 @@ fn record_established(ctx: &SockOpsContext) {
         count_program(PROG_SOCK_OPS, |c| c.errors += 1);
     }
     let _ = PENDING.remove(&socket_cookie);
+    true
+}
+
+/// Socket steering: puts the sockets of same-node pairs into the sockhash
+/// at ESTABLISHED — an application's steered socket (`steered`) and the
+/// agent's accepted socket for it (agent namespace, local address = the
+/// redirect target); the agent's upstream socket to an enrolled pod (agent
+/// namespace, remote = a pod address) and that pod's accepted socket
+/// (enrolled namespace, remote = the agent's redirect address). Nothing
+/// else: a socket whose peer is not in the map would only pay for sk_msg.
+#[inline(always)]
+fn steer_socket(ctx: &SockOpsContext, active: bool, steered: bool) {
+    let Some(mut key) = own_key(ctx) else {
+        return;
+    };
+    // SAFETY: the helper only reads the context the kernel passed us.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let in_agent = netns == setting(SETTING_AGENT_NETNS);
+    let mapped = key.src_ip[0] == 0 && key.src_ip[1] == 0 && key.src_ip[2] == MAPPED_WORD;
+    let agent = REDIRECT.get(if mapped { REDIRECT_V4 } else { REDIRECT_V6 });
+    let wanted = if active {
+        // SAFETY: presence check only.
+        steered || (in_agent && unsafe { POD_ADDRS.get(&key.dst_ip) }.is_some())
+    } else {
+        match agent {
+            Some(agent) if agent.enabled != 0 => {
+                if in_agent {
+                    key.src_ip == agent.ip && key.src_port == agent.port
+                } else {
+                    // SAFETY: presence check only.
+                    key.dst_ip == agent.ip && unsafe { ENROLLED.get(&netns) }.is_some()
+                }
+            }
+            _ => false,
+        }
+    };
+    if !wanted {
+        return;
+    }
+    // A new socket with a 4-tuple an old one had decides afresh.
+    let _ = SOCKET_MODE.remove(&key);
+    // SAFETY: `ops` is the live context the kernel passed us.
+    let ops = unsafe { &mut *ctx.ops };
+    if STEERED_SOCKETS.update(&mut key, ops, 0).is_ok() {
+        // So that its mode is forgotten when it closes.
+        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        if log_enabled(LOG_DEBUG) {
+            debug!(
+                ctx,
+                "socket steering: socket port {} (peer port {}) in the sockhash",
+                key.src_port,
+                key.dst_port
+            );
+        }
+    } else {
+        count_program(PROG_SK_MSG, |c| c.errors += 1);
+    }
+}
+
+/// Socket steering, on every send of a socket in the sockhash: deliver the
+/// bytes straight into the peer socket's receive queue. The first send
+/// decides for the socket's life — redirect if the peer is in the map, TCP
+/// if not (its handshake may not have completed yet) — because bytes that
+/// went by TCP and later redirected bytes would be read out of order.
+#[sk_msg]
+pub fn wisp_sk_msg(ctx: SkMsgContext) -> u32 {
+    const SK_PASS: u32 = 1;
+    count_program(PROG_SK_MSG, |c| c.runs += 1);
+    let md = ctx.msg;
+    // SAFETY: the context pointer; fixed-offset reads of readable fields.
+    let (family, local4, remote4, local6, remote6, local_port, remote_port_raw) = unsafe {
+        (
+            read_volatile(&raw const (*md).family),
+            read_volatile(&raw const (*md).local_ip4),
+            read_volatile(&raw const (*md).remote_ip4),
+            [
+                read_volatile(&raw const (*md).local_ip6[0]),
+                read_volatile(&raw const (*md).local_ip6[1]),
+                read_volatile(&raw const (*md).local_ip6[2]),
+                read_volatile(&raw const (*md).local_ip6[3]),
+            ],
+            [
+                read_volatile(&raw const (*md).remote_ip6[0]),
+                read_volatile(&raw const (*md).remote_ip6[1]),
+                read_volatile(&raw const (*md).remote_ip6[2]),
+                read_volatile(&raw const (*md).remote_ip6[3]),
+            ],
+            read_volatile(&raw const (*md).local_port),
+            read_volatile(&raw const (*md).remote_port),
+        )
+    };
+    let (local, remote) = if family == AF_INET {
+        ([0, 0, MAPPED_WORD, local4], [0, 0, MAPPED_WORD, remote4])
+    } else {
+        (local6, remote6)
+    };
+    let own = ConnKey {
+        src_ip: local,
+        dst_ip: remote,
+        src_port: local_port as u16,
+        dst_port: remote_port(remote_port_raw),
+    };
+    // SAFETY: copied out at once.
+    let mode = unsafe { SOCKET_MODE.get(&own) }.copied();
+    if mode == Some(SOCKET_TCP) {
+        return SK_PASS;
+    }
+    let mut peer = ConnKey {
+        src_ip: own.dst_ip,
+        dst_ip: own.src_ip,
+        src_port: own.dst_port,
+        dst_port: own.src_port,
+    };
+    if mode.is_none() && SOCKET_MODE.insert(&own, &SOCKET_REDIRECT, 0).is_err() {
+        // Cannot record a choice (the map holds one entry per socket in the
+        // sockhash and is as large, so this means something leaked): TCP.
+        count_program(PROG_SK_MSG, |c| c.errors += 1);
+        return SK_PASS;
+    }
+    let found = STEERED_SOCKETS.redirect_msg(&ctx, &mut peer, u64::from(BPF_F_INGRESS))
+        == i64::from(SK_PASS);
+    if found {
+        count_program(PROG_SK_MSG, |c| c.acted += 1);
+        return SK_PASS;
+    }
+    // The peer is not in the map: either its handshake has not completed
+    // (first send), or it has closed (the kernel unhashes a socket from the
+    // sockhash only then). Either way TCP from now on: nothing redirected
+    // is still unread at a closed peer, and TCP gives the application what
+    // it would get without steering (a reset), not an odd errno. The key
+    // exists, so this overwrite cannot fail.
+    let _ = SOCKET_MODE.insert(&own, &SOCKET_TCP, 0);
+    SK_PASS
+}
+
+#[inline(always)]
+fn setting(index: u32) -> u64 {
+    SETTINGS.get(index).copied().unwrap_or(0)
+}
+
+/// Whether kernel logs at `level` are on (`WISP_SETTINGS`, set at runtime).
+#[inline(always)]
+fn log_enabled(level: u64) -> bool {
+    setting(SETTING_LOG_LEVEL) >= level
 }
 
 /// `bpf_sock_ops.remote_port` is in network byte order, and on the kernels we
