@@ -194,14 +194,9 @@ async fn downstream_to_upstream(
     let mut buf = vec![0u8; CHUNK];
     loop {
         if started && up_write.is_none() {
-            let Some(upstream) = connect(destination, pump.metrics).await else {
-                pump.upstream_peer.set(Some(PeerType::Remote));
+            let Some(write) = open_upstream(pump, destination, &mut upstream_tx).await else {
                 return pump.close_now();
             };
-            let (read, write) = upstream.into_split();
-            if let Some(tx) = upstream_tx.take() {
-                let _ = tx.send(read);
-            }
             up_write = Some(write);
         }
         let read = tokio::select! {
@@ -234,14 +229,9 @@ async fn downstream_to_upstream(
             && !bytes.is_empty()
         {
             if up_write.is_none() {
-                let Some(upstream) = connect(destination, pump.metrics).await else {
-                    pump.upstream_peer.set(Some(PeerType::Remote));
+                let Some(write) = open_upstream(pump, destination, &mut upstream_tx).await else {
                     return pump.close_now();
                 };
-                let (read, write) = upstream.into_split();
-                if let Some(tx) = upstream_tx.take() {
-                    let _ = tx.send(read);
-                }
                 up_write = Some(write);
             }
             let writer = up_write.as_mut().expect("connected above");
@@ -264,6 +254,25 @@ async fn downstream_to_upstream(
             return;
         }
     }
+}
+
+/// Connects to the destination and hands the read half to the other
+/// direction; `None` (the upstream counted as the closing peer) when the
+/// connect fails.
+async fn open_upstream(
+    pump: &Pump<'_>,
+    destination: SocketAddr,
+    upstream_tx: &mut Option<tokio::sync::oneshot::Sender<OwnedReadHalf>>,
+) -> Option<OwnedWriteHalf> {
+    let Some(upstream) = connect(destination, pump.metrics).await else {
+        pump.upstream_peer.set(Some(PeerType::Remote));
+        return None;
+    };
+    let (read, write) = upstream.into_split();
+    if let Some(tx) = upstream_tx.take() {
+        let _ = tx.send(read);
+    }
+    Some(write)
 }
 
 /// Reads the upstream, runs its bytes through the filters (last first) and

@@ -41,6 +41,7 @@ pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod sockets;
+pub mod wat_filters;
 
 /// Prefix of every namespace, interface and cgroup this crate creates.
 pub const PREFIX: &str = "wisp";
