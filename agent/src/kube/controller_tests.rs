@@ -118,10 +118,23 @@ async fn lists_and_watches_this_node_and_applies_status_per_node() {
     // Watches are left hanging, as an API server holds them open.
     let mut watches = Vec::new();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
-    while seen.iter().filter(|s| s.method == Method::PATCH).count() < 2 {
+    // Until both statuses are written and every kind's watch is open (the
+    // reflectors start their watches independently of the status writes).
+    let watched_kinds = |seen: &[Seen]| {
+        let mut paths: Vec<&str> = seen
+            .iter()
+            .filter(|s| s.query.contains("watch=true"))
+            .map(|s| s.path.as_str())
+            .collect();
+        paths.sort();
+        paths.dedup();
+        paths.len()
+    };
+    while seen.iter().filter(|s| s.method == Method::PATCH).count() < 2 || watched_kinds(&seen) < 5
+    {
         let next = tokio::time::timeout_at(deadline, handle.next_request()).await;
         let (request, respond) = next
-            .expect("the controller stopped making requests before writing both statuses")
+            .expect("the controller stopped making requests before writing both statuses and watching every kind")
             .expect("the client went away");
         let (parts, body) = request.into_parts();
         let bytes = http_body_util::BodyExt::collect(body)
