@@ -236,6 +236,7 @@ pub fn run(
             "inbound.enabled is not supported in Kubernetes mode yet (inbound interception covers only the workloads enrolled at start)"
         );
     }
+    crate::heap::limit_arenas(config.worker_count());
     let plugins = compile_plugins(&plugin_sources(&config), &config.modules)?;
     let redirect = config
         .redirect_target()
@@ -348,6 +349,7 @@ pub struct QuickMode {
 }
 
 pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
+    crate::heap::limit_arenas(quick.workers);
     let plugins = compile_plugins(&quick.plugins, &ModulesConfig::default())?;
     let destination = match quick.upstream {
         Upstream::Addr(addr) => Destination::Fixed(addr),
@@ -452,6 +454,9 @@ fn serve(
                 http,
             },
         )?;
+        // Every worker has instantiated its plugins: what compiling and
+        // instantiating freed can go back to the kernel.
+        crate::heap::release_free_memory();
         for listener in listeners.iter() {
             if listener.destination == Destination::Inbound {
                 tracing::info!(listener = %listener.name, workers = spec.workers, "listening inside each enrolled pod's network namespace (sk_lookup)");

@@ -18,6 +18,7 @@ pub mod callout;
 pub mod config;
 pub mod ebpf;
 pub mod filter_chain;
+pub mod heap;
 pub mod http_proxy;
 pub mod kube;
 pub mod listener;

@@ -322,6 +322,7 @@ async fn follow_plugin_updates(
             Ok((chain, network_chain)) => {
                 http.replace_chain(chain);
                 network.replace(network_chain);
+                crate::heap::release_free_memory();
                 tracing::info!(
                     worker = index,
                     plugins = plugins.len(),
