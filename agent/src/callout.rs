@@ -306,7 +306,7 @@ pub async fn send_http(
     };
     let upstream = request.upstream.clone();
     let headers = request.headers.clone();
-    let outgoing = match build_request(cluster.address, version, &headers, request) {
+    let outgoing = match build_request(version, &headers, request) {
         Ok(outgoing) => outgoing,
         Err(error) => {
             tracing::warn!(cluster = %upstream, %error, "http_call request is not valid HTTP");
@@ -402,7 +402,7 @@ pub async fn send_grpc(
         trailers: HeaderMap::new(),
         timeout,
     };
-    let outgoing = match build_request(cluster.address, Version::HTTP_2, &headers, outgoing) {
+    let outgoing = match build_request(Version::HTTP_2, &headers, outgoing) {
         Ok(outgoing) => outgoing,
         Err(error) => return GrpcOutcome::Closed(GRPC_INTERNAL, error),
     };
@@ -635,7 +635,6 @@ fn effective_timeout(plugin: Duration, cluster: Option<Duration>) -> Duration {
 /// The outgoing request of a callout: HTTP/1.1 in origin form with `Host`
 /// from `:authority`, HTTP/2 with the authority in the URI.
 fn build_request(
-    address: SocketAddr,
     version: Version,
     headers: &HeaderMap,
     call: HttpCallRequest,
@@ -652,7 +651,7 @@ fn build_request(
     let uri = if version == Version::HTTP_2 {
         format!("http://{authority}{path}")
     } else {
-        format!("http://{address}{path}")
+        path.to_owned()
     };
     let mut builder = Request::builder().method(method).uri(uri).version(version);
     if version != Version::HTTP_2 {

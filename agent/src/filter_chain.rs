@@ -233,9 +233,7 @@ impl FilterChain {
                 ..Default::default()
             };
             let mut supervisor = Supervisor::new(plugin.clone(), embedder)?;
-            let tick_period = supervisor
-                .instance(Instant::now())
-                .and_then(|i| i.tick_period());
+            let tick_period = supervisor.current_instance().and_then(|i| i.tick_period());
             slots.push(Slot {
                 supervisor,
                 callouts,
@@ -322,7 +320,7 @@ impl FilterChain {
                 state.contexts.borrow_mut()[index] = None;
                 continue;
             }
-            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            let Some(instance) = slot.supervisor.current_instance() else {
                 state.contexts.borrow_mut()[index] = None;
                 if dir == Direction::Request {
                     match slot.unavailable(&self.metrics) {
@@ -448,7 +446,7 @@ impl FilterChain {
             return OneBody::Through(data);
         };
         let slot = &mut self.slots[index];
-        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+        let Some(instance) = slot.supervisor.current_instance() else {
             state.contexts.borrow_mut()[index] = None;
             return OneBody::Through(data);
         };
@@ -545,7 +543,7 @@ impl FilterChain {
                 }
             }
             let slot = &mut self.slots[index];
-            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            let Some(instance) = slot.supervisor.current_instance() else {
                 state.contexts.borrow_mut()[index] = None;
                 continue;
             };
@@ -593,7 +591,7 @@ impl FilterChain {
             let Some(slot) = self.slots.get_mut(index) else {
                 continue;
             };
-            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            let Some(instance) = slot.supervisor.current_instance() else {
                 continue;
             };
             let result = {
@@ -614,7 +612,7 @@ impl FilterChain {
     fn after_call(&mut self, index: usize) {
         let slot = &mut self.slots[index];
         let callouts = slot.callouts.take();
-        let (requests, period) = match slot.supervisor.instance(Instant::now()) {
+        let (requests, period) = match slot.supervisor.current_instance() {
             Some(instance) => (instance.take_stream_requests(), instance.tick_period()),
             None => (Vec::new(), None),
         };
@@ -665,7 +663,7 @@ impl FilterChain {
             return;
         }
         let state = self.streams.get(&(index, origin)).cloned();
-        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+        let Some(instance) = slot.supervisor.current_instance() else {
             return;
         };
         let result = match state.as_ref().map(|s| s.stream.try_borrow_mut()) {
@@ -731,7 +729,7 @@ impl FilterChain {
 
     fn tick(&mut self, index: usize) {
         let slot = &mut self.slots[index];
-        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+        let Some(instance) = slot.supervisor.current_instance() else {
             return;
         };
         if let Err(error) = instance.on_tick() {
@@ -742,7 +740,7 @@ impl FilterChain {
 
     fn queue_ready(&mut self, index: usize) {
         let slot = &mut self.slots[index];
-        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+        let Some(instance) = slot.supervisor.current_instance() else {
             return;
         };
         if !instance.has_pending_queue_ready() {

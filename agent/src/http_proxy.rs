@@ -3,6 +3,7 @@
 //! the worker's filter chain and on to the connection's destination over
 //! the worker's pooled upstream client, in the same HTTP version.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,6 +18,8 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::watch;
 use tracing::Instrument;
 use wisp_wasm_host::{HeaderMap, HttpStream, LocalResponse};
@@ -63,6 +66,93 @@ pub struct ConnectionInfo {
     pub source_workload: String,
 }
 
+/// Properties for `proxy_get_property`, by path (`source.address`).
+pub type Properties = std::collections::HashMap<String, Vec<u8>>;
+
+impl ConnectionInfo {
+    /// What every plugin on this connection may read with
+    /// `proxy_get_property`: addresses, the workload, TLS, the direction.
+    pub fn properties(&self) -> Properties {
+        let tls = self
+            .tls
+            .as_ref()
+            .map(TlsInfo::properties)
+            .unwrap_or_default();
+        [
+            ("source.address", self.peer.to_string()),
+            ("source.port", self.peer.port().to_string()),
+            ("destination.address", self.destination.to_string()),
+            ("destination.port", self.destination.port().to_string()),
+            ("source.workload", self.source_workload.clone()),
+        ]
+        .into_iter()
+        .chain(tls)
+        .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+        .chain(std::iter::once(self.listener_direction()))
+        .collect()
+    }
+
+    /// Envoy's `listener_direction` attribute (an int64: 1 INBOUND, 2
+    /// OUTBOUND), so a plugin can tell connections into a pod from those out.
+    fn listener_direction(&self) -> (String, Vec<u8>) {
+        let direction: i64 = if self.listener == "inbound" { 1 } else { 2 };
+        (
+            "listener_direction".to_owned(),
+            direction.to_le_bytes().to_vec(),
+        )
+    }
+}
+
+/// One downstream connection as its requests see it: what they share is
+/// built once, not per request.
+struct Downstream {
+    info: ConnectionInfo,
+    /// The connection's properties plus `request.protocol`, for the HTTP
+    /// version they were built for (a connection keeps its version).
+    properties: RefCell<Option<(Version, Arc<Properties>)>>,
+    /// This connection's `wisp_http_requests` counters, by response code.
+    request_counters: RefCell<Vec<(u16, Counter)>>,
+}
+
+impl Downstream {
+    fn properties(&self, version: Version) -> Arc<Properties> {
+        let mut cached = self.properties.borrow_mut();
+        match &*cached {
+            Some((built_for, properties)) if *built_for == version => properties.clone(),
+            _ => {
+                let mut properties = self.info.properties();
+                let protocol = match version {
+                    Version::HTTP_2 => "HTTP/2",
+                    Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                };
+                properties.insert("request.protocol".into(), protocol.into());
+                let properties = Arc::new(properties);
+                *cached = Some((version, properties.clone()));
+                properties
+            }
+        }
+    }
+
+    /// Counts one answered request.
+    fn count_request(&self, metrics: &Metrics, status: u16) {
+        let mut counters = self.request_counters.borrow_mut();
+        if let Some((_, counter)) = counters.iter().find(|(code, _)| *code == status) {
+            counter.inc();
+            return;
+        }
+        let counter = metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                source_workload: self.info.source_workload.clone(),
+                response_code: status,
+            })
+            .clone();
+        counter.inc();
+        counters.push((status, counter));
+    }
+}
+
 /// A worker's HTTP machinery, shared by all its connections (one thread).
 pub struct HttpWorker {
     /// The filter chain new requests use. A config reload swaps in a new one;
@@ -74,6 +164,8 @@ pub struct HttpWorker {
     /// Per listener, in the worker's listener order.
     upstreams: Vec<Upstreams>,
     access_log: Option<AccessLog>,
+    /// `wisp_http_request_duration` of the whole chain, looked up once.
+    chain_duration: Histogram,
 }
 
 impl HttpWorker {
@@ -85,12 +177,19 @@ impl HttpWorker {
         buffer_limit: usize,
     ) -> HttpWorker {
         FilterChain::start_background(&chain);
+        let chain_duration = metrics
+            .request_duration
+            .get_or_create(&PluginLabels {
+                plugin: "chain".into(),
+            })
+            .clone();
         HttpWorker {
             chain: RefCell::new(chain),
             metrics,
             buffer_limit,
             upstreams,
             access_log,
+            chain_duration,
         }
     }
 
@@ -124,7 +223,11 @@ pub async fn serve<I>(
         dst = %conn.destination,
         workload = %conn.source_workload
     );
-    let conn = Rc::new(conn);
+    let conn = Rc::new(Downstream {
+        info: conn,
+        properties: RefCell::new(None),
+        request_counters: RefCell::new(Vec::new()),
+    });
     let service = {
         let worker = worker.clone();
         hyper::service::service_fn(move |req| handle(worker.clone(), conn.clone(), req))
@@ -159,7 +262,7 @@ pub async fn serve<I>(
 
 async fn handle(
     worker: Rc<HttpWorker>,
-    conn: Rc<ConnectionInfo>,
+    downstream: Rc<Downstream>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, StreamReset> {
     let started = Instant::now();
@@ -186,7 +289,12 @@ async fn handle(
             std::time::SystemTime::now(),
         )
     });
-    let response = match proxy_request(&worker, &conn, req).instrument(span).await {
+    let conn = &downstream.info;
+    let properties = downstream.properties(req.version());
+    let response = match proxy_request(&worker, conn, properties, req)
+        .instrument(span)
+        .await
+    {
         Ok(response) => response,
         Err(reset) => {
             tracing::debug!(%reset, "resetting the stream");
@@ -216,20 +324,9 @@ async fn handle(
             response_code: response.status().as_u16(),
         });
     }
+    downstream.count_request(&worker.metrics, response.status().as_u16());
     worker
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            source_workload: conn.source_workload.clone(),
-            response_code: response.status().as_u16(),
-        })
-        .inc();
-    worker
-        .metrics
-        .request_duration
-        .get_or_create(&PluginLabels {
-            plugin: "chain".into(),
-        })
+        .chain_duration
         .observe(started.elapsed().as_secs_f64());
     Ok(response)
 }
@@ -398,6 +495,24 @@ impl Drop for Exchange {
 }
 
 impl Exchange {
+    /// The upstream request from the request headers the chain left, with
+    /// the body's length fix applied.
+    fn upstream_request(
+        &self,
+        fix: &LengthFix,
+        destination: SocketAddr,
+        version: Version,
+        body: ChannelBody,
+    ) -> Result<Request<ChannelBody>, String> {
+        let stream = self.state.stream.borrow();
+        upstream_request(
+            &fix.applied(&stream.request_headers, version),
+            destination,
+            version,
+            body,
+        )
+    }
+
     /// Waits until the plugin that paused `dir` at `slot` lets it go on.
     async fn wait(&self, dir: Direction, slot: usize) -> Result<(), Stop> {
         loop {
@@ -702,20 +817,35 @@ enum LengthFix {
 }
 
 impl LengthFix {
-    fn apply(self, headers: &mut HeaderMap, version: Version) {
+    /// `headers` with the fix applied; borrowed when nothing changes, which
+    /// is the common case (no plugin touched the body), so the headers are
+    /// not copied for it.
+    fn applied<'a>(&self, headers: &'a HeaderMap, version: Version) -> Cow<'a, HeaderMap> {
         match self {
-            LengthFix::Keep => {}
-            LengthFix::Remove => headers.remove("content-length"),
+            LengthFix::Keep => Cow::Borrowed(headers),
+            LengthFix::Remove if !headers.contains("content-length") => Cow::Borrowed(headers),
+            LengthFix::Remove => {
+                let mut headers = headers.clone();
+                headers.remove("content-length");
+                Cow::Owned(headers)
+            }
             LengthFix::Set(_, Some(names)) if version != Version::HTTP_2 => {
+                let mut headers = headers.clone();
                 headers.remove("content-length");
                 if !names.is_empty() {
                     headers.replace("trailer", names.as_bytes());
                 }
+                Cow::Owned(headers)
             }
             LengthFix::Set(length, _) => {
-                if headers.contains("content-length") {
-                    headers.replace("content-length", length.to_string().as_bytes());
+                let declared = headers.get("content-length");
+                let length = length.to_string();
+                if declared.is_none_or(|declared| declared == length.as_bytes()) {
+                    return Cow::Borrowed(headers);
                 }
+                let mut headers = headers.clone();
+                headers.replace("content-length", length.as_bytes());
+                Cow::Owned(headers)
             }
         }
     }
@@ -729,6 +859,7 @@ fn payload_too_large() -> LocalResponse {
 async fn proxy_request(
     worker: &HttpWorker,
     conn: &ConnectionInfo,
+    properties: Arc<Properties>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, StreamReset> {
     let (parts, body) = req.into_parts();
@@ -737,7 +868,7 @@ async fn proxy_request(
         chain: worker.current_chain(),
         state: StreamState::new(HttpStream {
             request_headers: request_header_map(&parts, conn.tls.is_some()),
-            properties: properties(conn, version),
+            connection_properties: Some(properties),
             ..Default::default()
         }),
         limit: worker.buffer_limit,
@@ -747,8 +878,7 @@ async fn proxy_request(
     let mut request_source = Source::peer(body);
     let mut ended = request_source.is_end_stream();
 
-    let upstream_response = match request_phase(&ex, &mut request_source, &mut ended, version).await
-    {
+    let upstream_response = match request_phase(&ex, &mut request_source, &mut ended).await {
         Err(Stop::Reset(reason)) => return Err(StreamReset(reason)),
         Err(Stop::Respond(local)) => Err(local),
         Err(Stop::Overflow) => Err(payload_too_large()),
@@ -756,7 +886,7 @@ async fn proxy_request(
             tracing::info!(%reason, "the client's request body broke");
             return Err(StreamReset(reason));
         }
-        Ok((headers, body)) => match upstream_request(&headers, conn.destination, version, body) {
+        Ok((fix, body)) => match ex.upstream_request(&fix, conn.destination, version, body) {
             Ok(request) => match forward(worker, conn, request).await {
                 // A request body the chain stopped midway explains the failure.
                 Err(_) if ex.request_failure.borrow().is_some() => {
@@ -825,30 +955,25 @@ fn abort_request_pump(ex: &Exchange) {
 }
 
 /// Request headers, then the request body up to what the chain first lets
-/// through; the rest streams from a task. Returns the upstream request's
-/// headers and body.
+/// through; the rest streams from a task. Returns what the request
+/// headers' content-length must become, and the upstream request's body.
 async fn request_phase(
     ex: &Rc<Exchange>,
     source: &mut Source,
     ended: &mut bool,
-    version: Version,
-) -> Result<(HeaderMap, ChannelBody), Stop> {
+) -> Result<(LengthFix, ChannelBody), Stop> {
     ex.headers(Direction::Request, *ended).await?;
     if *ended {
-        let headers = ex.state.stream.borrow().request_headers.clone();
-        return Ok((headers, ChannelBody::empty()));
+        return Ok((LengthFix::Keep, ChannelBody::empty()));
     }
     if ex.chain.borrow().is_empty()
         && let Some(body) = source.take_peer()
     {
         // No plugin sees the body: it streams through untouched.
         *ended = true;
-        let headers = ex.state.stream.borrow().request_headers.clone();
-        return Ok((headers, ChannelBody::direct(body)));
+        return Ok((LengthFix::Keep, ChannelBody::direct(body)));
     }
     let (frames, more, fix) = ex.first_piece(Direction::Request, source, ended).await?;
-    let mut headers = ex.state.stream.borrow().request_headers.clone();
-    fix.apply(&mut headers, version);
     let (sender, body) = ChannelBody::new(frames, more);
     if let Some(sender) = sender {
         let source = std::mem::replace(source, Source::local(None));
@@ -856,7 +981,7 @@ async fn request_phase(
             tokio::task::spawn_local(ex.clone().pump(Direction::Request, source, *ended, sender));
         *ex.request_pump.borrow_mut() = Some(pump);
     }
-    Ok((headers, body))
+    Ok((fix, body))
 }
 
 /// Response headers and body through the chain (in reverse order), for an
@@ -884,16 +1009,22 @@ async fn response_phase(
         Err(Stop::Reset(reason) | Stop::Source(reason)) => return Err(StreamReset(reason)),
         Err(Stop::Overflow) => return replaced(response_too_large()),
     }
+    let respond = |fix: &LengthFix, body: ProxyBody| {
+        let stream = ex.state.stream.borrow();
+        build_response(
+            status,
+            &fix.applied(&stream.response_headers, version),
+            body,
+        )
+    };
     if ended {
-        let headers = ex.state.stream.borrow().response_headers.clone();
-        return Ok(build_response(status, &headers, full_body(Bytes::new())));
+        return Ok(respond(&LengthFix::Keep, full_body(Bytes::new())));
     }
     if ex.chain.borrow().is_empty()
         && let Some(body) = source.take_peer()
     {
-        let headers = ex.state.stream.borrow().response_headers.clone();
         let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
-        return Ok(build_response(status, &headers, body));
+        return Ok(respond(&LengthFix::Keep, body));
     }
     let (frames, more, fix) = match ex
         .first_piece(Direction::Response, &mut source, &mut ended)
@@ -914,8 +1045,6 @@ async fn response_phase(
             ));
         }
     };
-    let mut headers = ex.state.stream.borrow().response_headers.clone();
-    fix.apply(&mut headers, version);
     let (sender, body) = ChannelBody::new(frames, more);
     if let Some(sender) = sender {
         let ex = ex.clone();
@@ -926,9 +1055,8 @@ async fn response_phase(
             abort_request_pump(&ex);
         });
     }
-    Ok(build_response(
-        status,
-        &headers,
+    Ok(respond(
+        &fix,
         body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
     ))
 }
@@ -999,46 +1127,6 @@ fn to_http_map(map: &HeaderMap) -> http::HeaderMap {
     out
 }
 
-/// Properties plugins can read with `proxy_get_property`.
-fn properties(
-    conn: &ConnectionInfo,
-    version: Version,
-) -> std::collections::HashMap<String, Vec<u8>> {
-    let protocol = match version {
-        Version::HTTP_2 => "HTTP/2",
-        Version::HTTP_10 => "HTTP/1.0",
-        _ => "HTTP/1.1",
-    };
-    let tls = conn
-        .tls
-        .as_ref()
-        .map(TlsInfo::properties)
-        .unwrap_or_default();
-    [
-        ("source.address", conn.peer.to_string()),
-        ("source.port", conn.peer.port().to_string()),
-        ("destination.address", conn.destination.to_string()),
-        ("destination.port", conn.destination.port().to_string()),
-        ("source.workload", conn.source_workload.clone()),
-        ("request.protocol", protocol.to_owned()),
-    ]
-    .into_iter()
-    .chain(tls)
-    .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-    .chain(std::iter::once(listener_direction(conn)))
-    .collect()
-}
-
-/// Envoy's `listener_direction` attribute (an int64: 1 INBOUND, 2
-/// OUTBOUND), so a plugin can tell connections into a pod from those out.
-fn listener_direction(conn: &ConnectionInfo) -> (String, Vec<u8>) {
-    let direction: i64 = if conn.listener == "inbound" { 1 } else { 2 };
-    (
-        "listener_direction".to_owned(),
-        direction.to_le_bytes().to_vec(),
-    )
-}
-
 /// The request headers as Proxy-Wasm plugins see them in Envoy: pseudo-headers
 /// first, `host` folded into `:authority`, hop-by-hop headers dropped.
 fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap {
@@ -1107,7 +1195,7 @@ fn response_header_map(status: StatusCode, headers: &http::HeaderMap) -> HeaderM
 }
 
 /// Builds the upstream request from the headers the filter chain left,
-/// addressed to `destination` (the pool key) in the downstream's HTTP version.
+/// for `destination` in the downstream's HTTP version.
 fn upstream_request(
     headers: &HeaderMap,
     destination: SocketAddr,
@@ -1138,9 +1226,8 @@ fn upstream_request(
         };
         builder = builder.uri(format!("http://{authority}{path}"));
     } else {
-        // HTTP/1.1: the URI names the destination (the pool key) and is sent
-        // in origin form; the authority travels as Host.
-        builder = builder.uri(format!("http://{destination}{path}"));
+        // HTTP/1.1: origin form; the authority travels as Host.
+        builder = builder.uri(path);
         if !authority.is_empty() {
             let host = HeaderValue::from_str(authority).map_err(|e| format!(":authority: {e}"))?;
             builder = builder.header(header::HOST, host);

@@ -147,7 +147,7 @@ impl NetworkChain {
                 continue;
             }
             let slot = &mut self.slots[index];
-            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            let Some(instance) = slot.supervisor.current_instance() else {
                 metrics
                     .plugin_unavailable
                     .get_or_create(&slot.labels())
@@ -235,7 +235,7 @@ impl NetworkChain {
             if generation != slot.generation {
                 continue;
             }
-            let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+            let Some(instance) = slot.supervisor.current_instance() else {
                 continue;
             };
             let result = instance
@@ -274,7 +274,7 @@ impl NetworkChain {
             slot.policy(stream, index, metrics, slot.supervisor.failure_action())?;
             return Ok(Action::Continue);
         }
-        let Some(instance) = slot.supervisor.instance(Instant::now()) else {
+        let Some(instance) = slot.supervisor.current_instance() else {
             metrics
                 .plugin_unavailable
                 .get_or_create(&slot.labels())
@@ -339,7 +339,7 @@ impl Slot {
                 // network filters yet, so nothing else could resume it).
                 let close = self
                     .supervisor
-                    .instance(Instant::now())
+                    .current_instance()
                     .map(|instance| instance.take_stream_requests())
                     .unwrap_or_default()
                     .iter()

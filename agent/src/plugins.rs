@@ -83,13 +83,11 @@ impl<'a> Facts<'a> {
     /// `:authority` and `:path` pseudo-headers.
     pub fn of_request(stream: &'a HttpStream) -> Facts<'a> {
         let port = stream
-            .properties
-            .get("destination.port")
+            .property("destination.port")
             .and_then(|p| std::str::from_utf8(p).ok()?.parse().ok())
             .unwrap_or(0);
         let workload = stream
-            .properties
-            .get("source.workload")
+            .property("source.workload")
             .and_then(|w| std::str::from_utf8(w).ok())
             .unwrap_or("");
         Facts {

@@ -3,7 +3,6 @@
 //! the worker's network filters when there are any (see `network_chain`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 
@@ -87,26 +86,6 @@ async fn connect(destination: SocketAddr, metrics: &Metrics) -> Option<TcpStream
     }
 }
 
-/// The properties network filters read with `proxy_get_property`.
-fn properties(conn: &ConnectionInfo) -> HashMap<String, Vec<u8>> {
-    [
-        ("source.address", conn.peer.to_string()),
-        ("source.port", conn.peer.port().to_string()),
-        ("destination.address", conn.destination.to_string()),
-        ("destination.port", conn.destination.port().to_string()),
-        ("source.workload", conn.source_workload.clone()),
-    ]
-    .into_iter()
-    .chain(
-        conn.tls
-            .as_ref()
-            .map(crate::tls::TlsInfo::properties)
-            .unwrap_or_default(),
-    )
-    .map(|(k, v)| (k.to_owned(), v.into_bytes()))
-    .collect()
-}
-
 /// One connection's shared state: both directions run in one task, so
 /// `RefCell` borrows never cross an `.await`.
 struct Pump<'a> {
@@ -140,7 +119,7 @@ async fn filtered(
         authority: None,
         path: None,
     };
-    let stream = chain.borrow().open(properties(conn), &facts);
+    let stream = chain.borrow().open(conn.properties(), &facts);
     let pump = Pump {
         chain,
         stream: RefCell::new(stream),

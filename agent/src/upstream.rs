@@ -1,12 +1,12 @@
 //! A worker's connections to upstream destinations, pooled per destination:
-//! HTTP/1.1 through hyper-util's pooling client (keep-alive, idle timeout),
-//! HTTP/2 as one multiplexed connection per destination; plain TCP, or TLS /
-//! mTLS when the listener's upstream asks for it.
+//! HTTP/1.1 keep-alive connections ([`http1_pool`]), HTTP/2 as one
+//! multiplexed connection per destination; plain TCP, or TLS / mTLS when
+//! the listener's upstream asks for it.
 //!
-//! HTTP/2 has its own pool because hyper-util's client dials the URI's
-//! authority, and an HTTP/2 request's `:authority` must stay what the client
-//! asked for (a service name) while the connection goes to the original
-//! destination address.
+//! Connections go to the original destination address, whatever the
+//! request's `Host` / `:authority` says (a service name).
+
+mod http1_pool;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -16,12 +16,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -131,88 +129,38 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
-}
-
-/// The connector the pooling HTTP/1.1 client uses: dials the URI's
-/// host:port (always an address: the destination) through the [`Dialer`].
-#[derive(Clone)]
-struct PoolConnector(Dialer);
-
-impl tower_service::Service<Uri> for PoolConnector {
-    type Response = TokioIo<UpstreamStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let dialer = self.0.clone();
-        Box::pin(async move {
-            let destination: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("{uri} does not name an address")))?;
-            dialer
-                .dial(destination)
-                .await
-                .map(TokioIo::new)
-                .map_err(std::io::Error::other)
-        })
-    }
-}
-
 /// Pools of one worker's upstream connections for request bodies of type
 /// `B`: the listener's destinations (streamed bodies) or the clusters
 /// plugins call out to (whole bodies).
 pub struct Upstreams<B = crate::body::ChannelBody> {
-    http1: Client<PoolConnector, B>,
+    http1: http1_pool::Http1Pool<B>,
     http2_dialer: Dialer,
     http2: RefCell<HashMap<SocketAddr, http2::SendRequest<B>>>,
 }
 
 impl<B> Upstreams<B>
 where
-    B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// Connection pools for one listener's upstreams, with TLS if `tls`.
     pub fn new(tls: Option<&UpstreamTls>) -> Result<Upstreams<B>, TlsError> {
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            // We set Host from the request's :authority ourselves.
-            .set_host(false)
-            .build(PoolConnector(Dialer::new(tls, b"http/1.1")?));
         Ok(Upstreams {
-            http1,
+            http1: http1_pool::Http1Pool::new(Dialer::new(tls, b"http/1.1")?),
             http2_dialer: Dialer::new(tls, b"h2")?,
             http2: RefCell::new(HashMap::new()),
         })
     }
 
     /// Sends `request` to `destination` in the request's HTTP version. For
-    /// HTTP/1.1 the request URI must be `http://<destination><path>`.
+    /// HTTP/1.1 the request URI is sent as it is (origin form: the path).
     pub async fn send(
         &self,
         destination: SocketAddr,
         request: Request<B>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         if request.version() != Version::HTTP_2 {
-            return self.http1.request(request).await.map_err(|error| {
-                let text = error_chain(&error);
-                if error.is_connect() {
-                    UpstreamError::Connect(text)
-                } else {
-                    UpstreamError::Request(text)
-                }
-            });
+            return self.http1.send(destination, request).await;
         }
         let mut sender = self.http2_connection(destination).await?;
         let result = sender.send_request(request).await;

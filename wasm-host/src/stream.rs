@@ -1,6 +1,7 @@
 //! Per-request data the embedder owns and lends to a plugin during a callback.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::headers::HeaderMap;
 
@@ -38,6 +39,10 @@ pub struct HttpStream {
     /// with `.`, e.g. `"source.address"`. Values are passed as they are.
     /// `proxy_set_property` during a stream callback writes here too.
     pub properties: HashMap<String, Vec<u8>>,
+    /// Properties every stream of a connection shares (addresses, TLS),
+    /// looked up after [`HttpStream::properties`]. The embedder builds them
+    /// once per connection instead of once per request.
+    pub connection_properties: Option<Arc<HashMap<String, Vec<u8>>>>,
     /// The buffered request body (HTTP_REQUEST_BODY). The embedder appends
     /// each chunk before `on_request_body`; after `Action::Continue` it sends
     /// what is here and clears it, after `Action::Pause` it keeps buffering
@@ -49,6 +54,17 @@ pub struct HttpStream {
     pub request_trailers: HeaderMap,
     /// Response trailers (HTTP_RESPONSE_TRAILERS).
     pub response_trailers: HeaderMap,
+}
+
+impl HttpStream {
+    /// A property as `proxy_get_property` sees it for this stream: the
+    /// stream's own, else the connection's.
+    pub fn property(&self, path: &str) -> Option<&[u8]> {
+        self.properties
+            .get(path)
+            .or_else(|| self.connection_properties.as_deref()?.get(path))
+            .map(Vec::as_slice)
+    }
 }
 
 /// The state of one TCP connection through a network filter: the data

@@ -117,7 +117,23 @@ impl Supervisor {
     /// The live instance, reloading it first if FAIL_RELOAD allows it at
     /// `now`; `None` means "apply [`Supervisor::failure_action`]".
     pub fn instance(&mut self, now: Instant) -> Option<&mut PluginInstance> {
-        if self.instance.is_none() && self.may_reload(now) {
+        if self.instance.is_none() {
+            self.reload_if_allowed(now);
+        }
+        self.instance.as_mut()
+    }
+
+    /// [`Supervisor::instance`] at the current time; the clock is read only
+    /// when there is no live instance (the request path calls this often).
+    pub fn current_instance(&mut self) -> Option<&mut PluginInstance> {
+        if self.instance.is_none() {
+            self.reload_if_allowed(Instant::now());
+        }
+        self.instance.as_mut()
+    }
+
+    fn reload_if_allowed(&mut self, now: Instant) {
+        if self.may_reload(now) {
             match self.plugin.instantiate_with(self.embedder.clone()) {
                 Ok(instance) => {
                     PluginCounters::bump(&self.counters().reloads);
@@ -132,7 +148,6 @@ impl Supervisor {
                 }
             }
         }
-        self.instance.as_mut()
     }
 
     fn may_reload(&mut self, now: Instant) -> bool {

@@ -4,8 +4,9 @@
 //! `["source", "address"]` into `source\0address`); we look it up by the
 //! segments joined with `.`. Known: `plugin_name`, `plugin_root_id`,
 //! `plugin_vm_id`, plus whatever the embedder put in
-//! [`HttpStream::properties`](crate::HttpStream::properties) for the stream
-//! (or [`TcpConnection::properties`](crate::TcpConnection::properties)) for
+//! [`HttpStream::properties`](crate::HttpStream::properties) and
+//! [`HttpStream::connection_properties`](crate::HttpStream::connection_properties)
+//! for the stream (or [`TcpConnection::properties`](crate::TcpConnection::properties)) for
 //! the stream of the effective context, then what `proxy_set_property` or
 //! [`PluginInstance::set_property`](crate::PluginInstance::set_property)
 //! stored on the instance. Anything else is NOT_FOUND.
@@ -46,8 +47,8 @@ fn lookup(state: &HostState, path: &str) -> Option<Vec<u8>> {
     if let Some(value) = plugin_value {
         return Some(value.as_bytes().to_vec());
     }
-    if let Some(value) = state.stream().and_then(|s| s.properties.get(path)) {
-        return Some(value.clone());
+    if let Some(value) = state.stream().and_then(|s| s.property(path)) {
+        return Some(value.to_vec());
     }
     let tcp = match &state.call.tcp {
         Some((id, conn)) if *id == state.call.effective_context_id => Some(conn),
@@ -169,5 +170,36 @@ mod tests {
         assert_eq!(guest.stream().properties["wisp.stream"], b"s");
         // Instance properties stay visible from the stream.
         assert_eq!(get(&mut guest, b"wisp\0root"), (0, Some(b"r".to_vec())));
+    }
+
+    #[test]
+    fn connection_properties_are_shared_and_the_stream_overrides_them() {
+        let mut guest = Guest::new();
+        let shared: std::collections::HashMap<String, Vec<u8>> = [
+            ("source.address".to_owned(), b"10.0.0.1:1234".to_vec()),
+            ("request.protocol".to_owned(), b"HTTP/1.1".to_vec()),
+        ]
+        .into_iter()
+        .collect();
+        let mut stream = HttpStream {
+            connection_properties: Some(std::sync::Arc::new(shared)),
+            ..Default::default()
+        };
+        stream
+            .properties
+            .insert("request.protocol".into(), b"HTTP/1.0".to_vec());
+        guest.lend(stream);
+        assert_eq!(
+            get(&mut guest, b"source\0address"),
+            (0, Some(b"10.0.0.1:1234".to_vec()))
+        );
+        assert_eq!(
+            get(&mut guest, b"request\0protocol"),
+            (0, Some(b"HTTP/1.0".to_vec()))
+        );
+        assert_eq!(
+            get(&mut guest, b"source\0port"),
+            (Status::NotFound as i32, None)
+        );
     }
 }
