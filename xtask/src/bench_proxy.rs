@@ -1,8 +1,12 @@
 //! `cargo xtask bench proxy`: wisp against Envoy 1.40 on the same machine,
 //! with the same upstream (nginx), the same load generator (wrk) and the same
 //! Proxy-Wasm filter (the header test filter), with one and two workers.
-//! Reports requests per second, p50/p99 latency and proxy RSS, and the
-//! wisp/Envoy ratios, in docs/benchmarks.md.
+//! Reports requests per second, p50/p99 latency, proxy CPU per request and
+//! proxy RSS, and the wisp/Envoy ratios, in docs/benchmarks.md.
+//!
+//! A shared machine's speed drifts over minutes, so each worker count runs
+//! both proxies side by side and measures them in alternation for several
+//! rounds; the table shows the median of each column.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,29 +15,41 @@ use std::time::Duration;
 use anyhow::Context;
 use wisp_testbed::agent::Agent;
 use wisp_testbed::envoy::{Envoy, EnvoyConfig, EnvoyPlugin, EnvoyUpstream, envoy_bin};
-use wisp_testbed::load::{WrkResult, rss_mib, wrk};
+use wisp_testbed::load::{WrkResult, cpu_seconds, rss_mib, wrk};
 use wisp_testbed::nginx::Nginx;
 
 use crate::{build, cargo, report, run_cmd, setup, step};
 
 const NGINX: u16 = 18880;
-const PROXY: u16 = 18801;
-const ADMIN: u16 = 18891;
+const ENVOY: u16 = 18801;
+const ENVOY_ADMIN: u16 = 18891;
+const WISP: u16 = 18802;
+const WISP_ADMIN: u16 = 18892;
 const FILTER_CONFIG: &str = r#"{"header_value": "bench"}"#;
 
 pub struct Options {
     pub seconds: u64,
     pub connections: usize,
+    pub rounds: usize,
 }
 
-struct Row {
-    setup: String,
+/// One measurement of one setup.
+struct Sample {
     result: WrkResult,
-    idle_rss_mib: Option<f64>,
+    /// The proxy's user + system CPU per request, in µs.
+    cpu_us_per_request: Option<f64>,
     loaded_rss_mib: Option<f64>,
 }
 
+/// A setup's samples, summarised by their medians.
+struct Row {
+    setup: String,
+    samples: Vec<Sample>,
+    idle_rss_mib: Option<f64>,
+}
+
 pub fn run(options: Options) -> anyhow::Result<()> {
+    anyhow::ensure!(options.rounds > 0, "--rounds must be at least 1");
     setup::run(setup::Mode::Quiet)?;
     build::all()?;
     step("building wisp in release mode");
@@ -43,30 +59,49 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let envoy = envoy_bin()?;
 
     let nginx = Nginx::start(addr(NGINX), 1).context("starting nginx")?;
-    let measure = |url: &str| -> anyhow::Result<WrkResult> {
+    let measure = |port: u16, pid: Option<u32>| -> anyhow::Result<Sample> {
+        let url = format!("http://127.0.0.1:{port}/");
         // Warm up connections, JIT tiers and pools; then measure.
-        wrk(url, 1, options.connections, 2, &[])?;
-        Ok(wrk(url, 1, options.connections, options.seconds, &[])?)
+        wrk(&url, 1, options.connections, 2, &[])?;
+        let cpu_before = pid.and_then(cpu_seconds);
+        let result = wrk(&url, 1, options.connections, options.seconds, &[])?;
+        let cpu_after = pid.and_then(cpu_seconds);
+        let cpu_us_per_request = match (cpu_before, cpu_after) {
+            (Some(before), Some(after)) if result.requests > 0 => {
+                Some((after - before) * 1e6 / result.requests as f64)
+            }
+            _ => None,
+        };
+        Ok(Sample {
+            result,
+            cpu_us_per_request,
+            loaded_rss_mib: pid.and_then(rss_mib),
+        })
     };
     let mut rows = Vec::new();
 
     step("direct to nginx");
-    rows.push(Row {
+    let mut direct = Row {
         setup: "direct (no proxy)".into(),
-        result: measure(&format!("http://127.0.0.1:{NGINX}/"))?,
+        samples: Vec::new(),
         idle_rss_mib: None,
-        loaded_rss_mib: None,
-    });
+    };
+    for _ in 0..options.rounds {
+        direct.samples.push(measure(NGINX, None)?);
+    }
+    print_row(&direct);
+    rows.push(direct);
 
     for workers in [1, 2] {
         step(format!(
-            "Envoy 1.40, {workers} worker(s), header filter (V8)"
+            "{workers} worker(s): Envoy 1.40 (V8) and wisp (Wasmtime), header filter, {} rounds",
+            options.rounds
         ));
-        let proxy = Envoy::start(
+        let envoy = Envoy::start(
             &envoy,
             &EnvoyConfig {
-                listen: addr(PROXY),
-                admin: addr(ADMIN),
+                listen: addr(ENVOY),
+                admin: addr(ENVOY_ADMIN),
                 upstream: EnvoyUpstream::Addr(addr(NGINX)),
                 plugins: vec![EnvoyPlugin {
                     name: "header-filter".into(),
@@ -78,23 +113,29 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             },
             None,
         )?;
-        rows.push(run_proxy(
-            format!("Envoy, {workers} worker(s)"),
-            proxy.pid(),
-            &measure,
-        )?);
-        drop(proxy);
-
-        step(format!(
-            "wisp, {workers} worker(s), header filter (Wasmtime)"
-        ));
-        let proxy = start_wisp(&wisp, &filter, workers)?;
-        rows.push(run_proxy(
-            format!("wisp, {workers} worker(s)"),
-            proxy.pid(),
-            &measure,
-        )?);
-        drop(proxy);
+        let agent = start_wisp(&wisp, &filter, workers)?;
+        // Idle: both started, nothing sent yet.
+        std::thread::sleep(Duration::from_millis(500));
+        let mut envoy_row = Row {
+            setup: format!("Envoy, {workers} worker(s)"),
+            samples: Vec::new(),
+            idle_rss_mib: rss_mib(envoy.pid()),
+        };
+        let mut wisp_row = Row {
+            setup: format!("wisp, {workers} worker(s)"),
+            samples: Vec::new(),
+            idle_rss_mib: rss_mib(agent.pid()),
+        };
+        for _ in 0..options.rounds {
+            envoy_row.samples.push(measure(ENVOY, Some(envoy.pid()))?);
+            wisp_row.samples.push(measure(WISP, Some(agent.pid()))?);
+        }
+        print_row(&envoy_row);
+        print_row(&wisp_row);
+        rows.push(envoy_row);
+        rows.push(wisp_row);
+        drop(agent);
+        drop(envoy);
     }
     drop(nginx);
 
@@ -110,11 +151,11 @@ fn addr(port: u16) -> SocketAddr {
 fn start_wisp(wisp: &Path, filter: &Path, workers: usize) -> anyhow::Result<Agent> {
     let args: Vec<String> = [
         "--listen",
-        &addr(PROXY).to_string(),
+        &addr(WISP).to_string(),
         "--upstream",
         &addr(NGINX).to_string(),
         "--admin",
-        &addr(ADMIN).to_string(),
+        &addr(WISP_ADMIN).to_string(),
         "--workers",
         &workers.to_string(),
         "--protocol",
@@ -127,33 +168,67 @@ fn start_wisp(wisp: &Path, filter: &Path, workers: usize) -> anyhow::Result<Agen
     .iter()
     .map(|s| s.to_string())
     .collect();
-    Ok(Agent::start_proxy_quiet(wisp, &args, addr(ADMIN))?)
+    Ok(Agent::start_proxy_quiet(wisp, &args, addr(WISP_ADMIN))?)
 }
 
-fn run_proxy(
-    setup: String,
-    pid: u32,
-    measure: &dyn Fn(&str) -> anyhow::Result<WrkResult>,
-) -> anyhow::Result<Row> {
-    std::thread::sleep(Duration::from_millis(500));
-    let idle_rss_mib = rss_mib(pid);
-    let result = measure(&format!("http://127.0.0.1:{PROXY}/"))?;
-    let loaded_rss_mib = rss_mib(pid);
-    println!(
-        "{setup}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, RSS idle {:.1} MiB / loaded {:.1} MiB, errors {}",
-        result.requests_per_second,
-        result.p50_ms,
-        result.p99_ms,
-        idle_rss_mib.unwrap_or(f64::NAN),
-        loaded_rss_mib.unwrap_or(f64::NAN),
-        result.errors
-    );
-    Ok(Row {
-        setup,
-        result,
-        idle_rss_mib,
-        loaded_rss_mib,
+/// The median of what `value` gives for each sample (`None` if none do).
+fn median(samples: &[Sample], value: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+    let mut values: Vec<f64> = samples.iter().filter_map(value).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
     })
+}
+
+impl Row {
+    fn requests_per_second(&self) -> f64 {
+        median(&self.samples, |s| Some(s.result.requests_per_second)).unwrap_or(0.0)
+    }
+    fn p50_ms(&self) -> f64 {
+        median(&self.samples, |s| Some(s.result.p50_ms)).unwrap_or(0.0)
+    }
+    fn p99_ms(&self) -> f64 {
+        median(&self.samples, |s| Some(s.result.p99_ms)).unwrap_or(0.0)
+    }
+    fn cpu_us_per_request(&self) -> Option<f64> {
+        median(&self.samples, |s| s.cpu_us_per_request)
+    }
+    fn loaded_rss_mib(&self) -> Option<f64> {
+        median(&self.samples, |s| s.loaded_rss_mib)
+    }
+    fn errors(&self) -> u64 {
+        self.samples.iter().map(|s| s.result.errors).sum()
+    }
+}
+
+fn print_row(row: &Row) {
+    let each: Vec<String> = row
+        .samples
+        .iter()
+        .map(|s| format!("{:.0}", s.result.requests_per_second))
+        .collect();
+    println!(
+        "{}: {:.0} req/s (rounds: {}), p50 {:.3} ms, p99 {:.3} ms, CPU {} µs/request, RSS idle {} MiB / loaded {} MiB, errors {}",
+        row.setup,
+        row.requests_per_second(),
+        each.join(", "),
+        row.p50_ms(),
+        row.p99_ms(),
+        fmt_opt(row.cpu_us_per_request(), 1),
+        fmt_opt(row.idle_rss_mib, 1),
+        fmt_opt(row.loaded_rss_mib(), 1),
+        row.errors()
+    );
+}
+
+fn fmt_opt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or("–".to_owned(), |v| format!("{v:.decimals$}"))
 }
 
 fn table(rows: &[Row], options: &Options) -> String {
@@ -163,42 +238,50 @@ fn table(rows: &[Row], options: &Options) -> String {
          Upstream nginx (1 worker, fixed 17-byte body) on loopback; load from wrk (1 thread, {} connections, \
          {} s after a 2 s warm-up); both proxies run the header test filter (`tests/filters/header-filter`, \
          adds a response header) — Envoy 1.40 on V8, wisp on Wasmtime — in quick mode over HTTP/1.1, both logging at warn. \
+         For each worker count both proxies run side by side and are measured in alternation, {} rounds; \
+         each cell is the median of the rounds (errors: their sum). CPU is the proxy's user + system time per request. \
          Everything shares the machine's cores, so absolute numbers are lower than on dedicated hosts; \
          the ratios are the point.\n\n\
-         | Setup | req/s | p50 ms | p99 ms | RSS idle MiB | RSS loaded MiB | errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n",
+         | Setup | req/s | p50 ms | p99 ms | CPU µs/req | RSS idle MiB | RSS loaded MiB | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
         report::machine_description(),
         options.connections,
-        options.seconds
+        options.seconds,
+        options.rounds,
     );
-    let fmt_mib = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.1}"));
     for row in rows {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.3} | {:.3} | {} | {} | {} |\n",
+            "| {} | {:.0} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
             row.setup,
-            row.result.requests_per_second,
-            row.result.p50_ms,
-            row.result.p99_ms,
-            fmt_mib(row.idle_rss_mib),
-            fmt_mib(row.loaded_rss_mib),
-            row.result.errors
+            row.requests_per_second(),
+            row.p50_ms(),
+            row.p99_ms(),
+            fmt_opt(row.cpu_us_per_request(), 1),
+            fmt_opt(row.idle_rss_mib, 1),
+            fmt_opt(row.loaded_rss_mib(), 1),
+            row.errors()
         ));
     }
-    md.push_str("\n| Workers | wisp/Envoy req/s | wisp/Envoy p99 | wisp/Envoy idle RSS |\n|---|---:|---:|---:|\n");
+    md.push_str(
+        "\n| Workers | wisp/Envoy req/s | wisp/Envoy p99 | wisp/Envoy CPU per request | wisp/Envoy idle RSS |\n\
+         |---|---:|---:|---:|---:|\n",
+    );
     for workers in [1, 2] {
         let find = |name: &str| {
             rows.iter()
                 .find(|r| r.setup == format!("{name}, {workers} worker(s)"))
         };
         if let (Some(envoy), Some(wisp)) = (find("Envoy"), find("wisp")) {
-            let rss = match (wisp.idle_rss_mib, envoy.idle_rss_mib) {
-                (Some(w), Some(e)) => format!("{:.2}", w / e),
+            let ratio = |w: Option<f64>, e: Option<f64>| match (w, e) {
+                (Some(w), Some(e)) if e > 0.0 => format!("{:.2}", w / e),
                 _ => "–".into(),
             };
             md.push_str(&format!(
-                "| {workers} | {:.2} | {:.2} | {rss} |\n",
-                wisp.result.requests_per_second / envoy.result.requests_per_second,
-                wisp.result.p99_ms / envoy.result.p99_ms
+                "| {workers} | {:.2} | {:.2} | {} | {} |\n",
+                wisp.requests_per_second() / envoy.requests_per_second(),
+                wisp.p99_ms() / envoy.p99_ms(),
+                ratio(wisp.cpu_us_per_request(), envoy.cpu_us_per_request()),
+                ratio(wisp.idle_rss_mib, envoy.idle_rss_mib),
             ));
         }
     }

@@ -92,6 +92,9 @@ enum Bench {
         /// Concurrent connections from wrk.
         #[arg(long, default_value_t = 32)]
         connections: usize,
+        /// Measurements per setup, interleaved; the table shows each median.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// The Proxy-Wasm host's criterion benchmarks: per-request cost, instantiation, memory.
     Wasm,
@@ -136,13 +139,16 @@ fn main() -> std::process::ExitCode {
             render: Some(dir), ..
         } => compare::render(&dir),
         Command::Bench {
-            what: Bench::Proxy {
-                seconds,
-                connections,
-            },
+            what:
+                Bench::Proxy {
+                    seconds,
+                    connections,
+                    rounds,
+                },
         } => bench_proxy::run(bench_proxy::Options {
             seconds,
             connections,
+            rounds,
         }),
         Command::Bench {
             what: Bench::Redirect { connects },
