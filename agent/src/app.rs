@@ -40,6 +40,45 @@ pub struct PluginSource {
     pub matcher: Option<PluginMatch>,
 }
 
+impl PluginSource {
+    /// `FILE:LINE: `plugins[i].module`: ` for errors, or nothing.
+    fn at(&self) -> String {
+        self.defined_at
+            .as_ref()
+            .map_or_else(String::new, |at| format!("{at}: "))
+    }
+
+    /// An error about this plugin, prefixed with where it is configured.
+    fn error(&self, message: impl std::fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("{}plugin {:?}: {message}", self.at(), self.config.name)
+    }
+
+    /// Compiles the module's `bytes` into the plugin every worker
+    /// instantiates. The host also accepts the text format (for its own
+    /// tests); a deployed plugin must be a binary module.
+    fn compile(&self, bytes: &[u8]) -> anyhow::Result<ConfiguredPlugin> {
+        if !bytes.starts_with(b"\0asm") {
+            return Err(self.error(format_args!(
+                "{} is not a WebAssembly binary module (no \\0asm header)",
+                self.module
+            )));
+        }
+        let plugin = Plugin::compile(self.config.clone(), bytes).with_context(|| {
+            format!(
+                "{}plugin {:?} ({})",
+                self.at(),
+                self.config.name,
+                self.module
+            )
+        })?;
+        Ok(ConfiguredPlugin {
+            plugin,
+            kind: self.kind,
+            matcher: self.matcher.clone(),
+        })
+    }
+}
+
 /// Fetches (or reads) every module and compiles it once; every worker
 /// instantiates the result. Fails on the first plugin that cannot load,
 /// naming it and where it is configured.
@@ -49,29 +88,11 @@ pub async fn load_plugins(
 ) -> anyhow::Result<Vec<ConfiguredPlugin>> {
     let mut plugins = Vec::with_capacity(sources.len());
     for source in sources {
-        let name = &source.config.name;
-        let at = source
-            .defined_at
-            .as_ref()
-            .map_or_else(String::new, |at| format!("{at}: "));
         let module = fetcher
             .fetch(&source.module, source.sha256.as_deref())
             .await
-            .map_err(|e| anyhow::anyhow!("{at}plugin {name:?}: {e}"))?;
-        // The host also accepts the text format (for its own tests); a
-        // deployed plugin must be a binary module.
-        anyhow::ensure!(
-            module.bytes.starts_with(b"\0asm"),
-            "{at}plugin {name:?}: {} is not a WebAssembly binary module (no \\0asm header)",
-            source.module
-        );
-        let plugin = Plugin::compile(source.config.clone(), &module.bytes)
-            .with_context(|| format!("{at}plugin {name:?} ({})", source.module))?;
-        plugins.push(ConfiguredPlugin {
-            plugin,
-            kind: source.kind,
-            matcher: source.matcher.clone(),
-        });
+            .map_err(|e| source.error(e))?;
+        plugins.push(source.compile(&module.bytes)?);
     }
     Ok(plugins)
 }
@@ -93,40 +114,27 @@ pub fn compile_plugins(
 /// for the apply path, which runs inside one. URL modules are fetched first
 /// ([`load_plugins`]; the Kubernetes controller stores them as files).
 pub fn compile_local_plugin(source: &PluginSource) -> anyhow::Result<ConfiguredPlugin> {
-    let name = &source.config.name;
-    let at = source
-        .defined_at
-        .as_ref()
-        .map_or_else(String::new, |at| format!("{at}: "));
     let path = match crate::module_fetch::ModuleLocation::parse(&source.module) {
         Ok(crate::module_fetch::ModuleLocation::File(path)) => path,
-        Ok(_) => anyhow::bail!(
-            "{at}plugin {name:?}: {} must be fetched before it is applied",
-            source.module
-        ),
-        Err(error) => anyhow::bail!("{at}plugin {name:?}: {error}"),
+        Ok(_) => {
+            return Err(source.error(format_args!(
+                "{} must be fetched before it is applied",
+                source.module
+            )));
+        }
+        Err(error) => return Err(source.error(error)),
     };
     let sha256 = source
         .sha256
         .as_deref()
         .map(crate::module_fetch::parse_sha256)
         .transpose()
-        .map_err(|e| anyhow::anyhow!("{at}plugin {name:?}: {e}"))?;
+        .map_err(|e| source.error(e))?;
+    // The host's load error names the plugin itself.
     let bytes = wisp_wasm_host::ModuleSource::File { path, sha256 }
-        .load(name)
-        .map_err(|e| anyhow::anyhow!("{at}{e}"))?;
-    anyhow::ensure!(
-        bytes.starts_with(b"\0asm"),
-        "{at}plugin {name:?}: {} is not a WebAssembly binary module (no \\0asm header)",
-        source.module
-    );
-    let plugin = Plugin::compile(source.config.clone(), &bytes)
-        .with_context(|| format!("{at}plugin {name:?} ({})", source.module))?;
-    Ok(ConfiguredPlugin {
-        plugin,
-        kind: source.kind,
-        matcher: source.matcher.clone(),
-    })
+        .load(&source.config.name)
+        .map_err(|e| anyhow::anyhow!("{}{e}", source.at()))?;
+    source.compile(&bytes)
 }
 
 /// The plugins a config file names.
