@@ -1,6 +1,8 @@
 //! The optional access log: one JSON line per HTTP request, written when its
-//! response headers go out. Every worker appends to the same file through
-//! its own descriptor; appends of a whole line are not interleaved.
+//! response headers go out, and one per TCP connection, written when it
+//! closes (`"protocol": "tcp"`, with the bytes each way). Every worker
+//! appends to the same file through its own descriptor; appends of a whole
+//! line are not interleaved.
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -21,6 +23,25 @@ pub struct Entry<'a> {
     pub authority: &'a str,
     pub path: &'a str,
     pub response_code: u16,
+}
+
+/// One TCP connection (not HTTP), as logged when it closed.
+#[derive(Debug, serde::Serialize)]
+pub struct TcpEntry<'a> {
+    pub start_time_unix_ms: u128,
+    pub duration_ms: f64,
+    pub listener: &'a str,
+    pub source_workload: &'a str,
+    pub peer: SocketAddr,
+    pub destination: SocketAddr,
+    /// Always `tcp`.
+    pub protocol: &'a str,
+    /// From the client to the upstream, after the network filters.
+    pub bytes_sent: u64,
+    /// From the upstream to the client, after the network filters.
+    pub bytes_received: u64,
+    /// The upstream could not be reached.
+    pub upstream_connect_failed: bool,
 }
 
 /// A worker's handle on the access log file.
@@ -44,7 +65,8 @@ impl AccessLog {
         })
     }
 
-    pub fn record(&self, entry: &Entry<'_>) {
+    /// Appends `entry` ([`Entry`] or [`TcpEntry`]) as one line.
+    pub fn record(&self, entry: &impl serde::Serialize) {
         let Ok(mut line) = serde_json::to_vec(entry) else {
             return;
         };

@@ -193,6 +193,11 @@ impl HttpWorker {
         }
     }
 
+    /// The access log, if one is configured (TCP connections use it too).
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.as_ref()
+    }
+
     /// The chain a request starting now runs through.
     pub fn current_chain(&self) -> SharedChain {
         self.chain.borrow().clone()

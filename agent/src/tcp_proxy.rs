@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use wisp_wasm_host::PeerType;
 
+use crate::access_log::{AccessLog, TcpEntry};
 use crate::http_proxy::ConnectionInfo;
 use crate::metrics::Metrics;
 use crate::network_chain::{NetworkChain, NetworkStream, Verdict};
@@ -22,12 +23,14 @@ use crate::plugins::Facts;
 const CHUNK: usize = 16 * 1024;
 
 /// Proxies `downstream` to the connection's destination until both
-/// directions are closed, through `chain`'s network filters.
+/// directions are closed, through `chain`'s network filters; logs the
+/// connection to `access_log` when it closed.
 pub async fn serve(
     downstream: TcpStream,
     conn: &ConnectionInfo,
     chain: Rc<RefCell<NetworkChain>>,
     metrics: &Metrics,
+    access_log: Option<&AccessLog>,
 ) {
     let span = tracing::info_span!(
         "tcp",
@@ -36,29 +39,74 @@ pub async fn serve(
         dst = %conn.destination,
         workload = %conn.source_workload
     );
-    if chain.borrow().is_empty() {
-        return copy(downstream, conn.destination, metrics)
+    let start_time = std::time::SystemTime::now();
+    let started = std::time::Instant::now();
+    let transferred = if chain.borrow().is_empty() {
+        copy(downstream, conn.destination, metrics)
             .instrument(span)
-            .await;
+            .await
+    } else {
+        filtered(downstream, conn, &chain, metrics)
+            .instrument(span)
+            .await
+    };
+    if let Some(log) = access_log {
+        log.record(&TcpEntry {
+            start_time_unix_ms: start_time
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            listener: &conn.listener,
+            source_workload: &conn.source_workload,
+            peer: conn.peer,
+            destination: conn.destination,
+            protocol: "tcp",
+            bytes_sent: transferred.sent,
+            bytes_received: transferred.received,
+            upstream_connect_failed: transferred.connect_failed,
+        });
     }
-    filtered(downstream, conn, &chain, metrics)
-        .instrument(span)
-        .await;
+}
+
+/// What went through one connection, for the access log.
+#[derive(Debug, Default)]
+struct Transferred {
+    sent: u64,
+    received: u64,
+    connect_failed: bool,
 }
 
 /// No network filters: the kernel-to-kernel copy loop.
-async fn copy(mut downstream: TcpStream, destination: SocketAddr, metrics: &Metrics) {
+async fn copy(
+    mut downstream: TcpStream,
+    destination: SocketAddr,
+    metrics: &Metrics,
+) -> Transferred {
     let mut upstream = match connect(destination, metrics).await {
         Some(upstream) => upstream,
-        None => return,
+        None => {
+            return Transferred {
+                connect_failed: true,
+                ..Default::default()
+            };
+        }
     };
     match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         Ok((sent, received)) => {
             metrics.tcp_bytes_sent.inc_by(sent);
             metrics.tcp_bytes_received.inc_by(received);
             tracing::debug!(sent, received, "tcp connection closed");
+            Transferred {
+                sent,
+                received,
+                connect_failed: false,
+            }
         }
-        Err(error) => tracing::debug!(%error, "tcp connection ended with an error"),
+        Err(error) => {
+            // copy_bidirectional does not say how much went through.
+            tracing::debug!(%error, "tcp connection ended with an error");
+            Transferred::default()
+        }
     }
 }
 
@@ -96,6 +144,10 @@ struct Pump<'a> {
     /// side; anything wisp ends is `Local`.
     downstream_peer: Cell<Option<PeerType>>,
     upstream_peer: Cell<Option<PeerType>>,
+    /// Bytes written to the upstream and to the client.
+    sent: Cell<u64>,
+    received: Cell<u64>,
+    connect_failed: Cell<bool>,
     /// Fired when the connection must end now (a filter closed it, a side
     /// failed).
     abort: CancellationToken,
@@ -112,7 +164,7 @@ async fn filtered(
     conn: &ConnectionInfo,
     chain: &RefCell<NetworkChain>,
     metrics: &Metrics,
-) {
+) -> Transferred {
     let facts = Facts {
         destination_port: conn.destination.port(),
         source_workload: &conn.source_workload,
@@ -126,6 +178,9 @@ async fn filtered(
         metrics,
         downstream_peer: Cell::new(None),
         upstream_peer: Cell::new(None),
+        sent: Cell::new(0),
+        received: Cell::new(0),
+        connect_failed: Cell::new(false),
         abort: CancellationToken::new(),
     };
     let started = {
@@ -147,6 +202,9 @@ async fn filtered(
         stream,
         downstream_peer,
         upstream_peer,
+        sent,
+        received,
+        connect_failed,
         ..
     } = pump;
     chain.borrow_mut().close(
@@ -156,6 +214,11 @@ async fn filtered(
         metrics,
     );
     tracing::debug!("tcp connection closed");
+    Transferred {
+        sent: sent.get(),
+        received: received.get(),
+        connect_failed: connect_failed.get(),
+    }
 }
 
 /// Reads the client, runs its bytes through the filters and writes them to
@@ -220,6 +283,7 @@ async fn downstream_to_upstream(
                 return pump.close_now();
             }
             pump.metrics.tcp_bytes_sent.inc_by(bytes.len() as u64);
+            pump.sent.set(pump.sent.get() + bytes.len() as u64);
         }
         if end_of_stream {
             match up_write.as_mut() {
@@ -245,6 +309,7 @@ async fn open_upstream(
 ) -> Option<OwnedWriteHalf> {
     let Some(upstream) = connect(destination, pump.metrics).await else {
         pump.upstream_peer.set(Some(PeerType::Remote));
+        pump.connect_failed.set(true);
         return None;
     };
     let (read, write) = upstream.into_split();
@@ -305,6 +370,7 @@ async fn upstream_to_downstream(
                 return pump.close_now();
             }
             pump.metrics.tcp_bytes_received.inc_by(bytes.len() as u64);
+            pump.received.set(pump.received.get() + bytes.len() as u64);
         }
         if end_of_stream {
             let _ = down_write.shutdown().await;

@@ -550,7 +550,14 @@ async fn serve_connection(
     count_connection(&context, spec, served_as);
     match protocol {
         Protocol::Tcp => {
-            crate::tcp_proxy::serve(stream, &conn, network.current(), &context.metrics).await
+            crate::tcp_proxy::serve(
+                stream,
+                &conn,
+                network.current(),
+                &context.metrics,
+                http.access_log(),
+            )
+            .await
         }
         _ => crate::http_proxy::serve(http, conn, stream, context.shutdown.clone()).await,
     }

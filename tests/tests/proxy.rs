@@ -148,7 +148,14 @@ fn other_protocols_pass_through_as_tcp() {
             });
         }
     });
-    let agent = proxy(17101, 17191, "127.0.0.1:17180", &[]);
+    let log_dir = wisp_testbed::agent::fresh_dir().unwrap();
+    let access_log = log_dir.join("access.log");
+    let agent = proxy(
+        17101,
+        17191,
+        "127.0.0.1:17180",
+        &["--access-log", access_log.to_str().unwrap()],
+    );
     let mut stream = TcpStream::connect("127.0.0.1:17101").unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -174,6 +181,17 @@ fn other_protocols_pass_through_as_tcp() {
         15.0,
         "{metrics}"
     );
+    // The closed connection is one access-log line, with the bytes each way.
+    let lines = std::fs::read_to_string(&access_log).unwrap();
+    let _ = std::fs::remove_dir_all(&log_dir);
+    let entry: serde_json::Value =
+        serde_json::from_str(lines.lines().next().expect("one line")).unwrap();
+    assert_eq!(entry["protocol"], "tcp", "{lines}");
+    assert_eq!(entry["destination"], "127.0.0.1:17180");
+    assert_eq!(entry["bytes_sent"], 15);
+    assert_eq!(entry["bytes_received"], 15);
+    assert_eq!(entry["upstream_connect_failed"], false);
+    assert_eq!(lines.lines().count(), 1, "{lines}");
 }
 
 #[test]
