@@ -54,6 +54,11 @@ pub struct ClusterSpec {
     /// `http1` (default) or `http2` for `http_call`; gRPC calls always use HTTP/2.
     #[serde(default)]
     pub protocol: ClusterProtocol,
+    /// Originate TLS (or mTLS) to the cluster: `ca`, `server_name`,
+    /// optionally `client_cert` and `client_key`, as a listener's
+    /// `upstream_tls`. ALPN offers what `protocol` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::UpstreamTlsConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -67,9 +72,21 @@ pub enum ClusterProtocol {
 /// A cluster as the request path uses it.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Cluster {
+    /// The name plugins call it by.
+    pub name: String,
     pub address: SocketAddr,
     pub timeout: Option<Duration>,
     pub protocol: ClusterProtocol,
+    /// `None`: plain TCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::tls::UpstreamTls>,
+}
+
+impl Cluster {
+    /// `https` for TLS clusters (HTTP/2's `:scheme`), else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
 }
 
 /// Every cluster by name; shared by all workers.
@@ -84,9 +101,11 @@ pub fn clusters_from_specs(specs: &BTreeMap<String, ClusterSpec>) -> Clusters {
                 (
                     name.clone(),
                     Cluster {
+                        name: name.clone(),
                         address: spec.address.value,
                         timeout: spec.timeout_ms.map(Duration::from_millis),
                         protocol: spec.protocol,
+                        tls: spec.tls.as_ref().map(|tls| tls.upstream_tls()),
                     },
                 )
             })
@@ -108,9 +127,11 @@ pub fn parse_cluster_flag(text: &str) -> Result<(String, Cluster), String> {
         .parse()
         .map_err(|e| format!("{text:?}: {addr:?} is not ADDR:PORT: {e}"))?;
     let mut cluster = Cluster {
+        name: name.to_owned(),
         address,
         timeout: None,
         protocol: ClusterProtocol::Http1,
+        tls: None,
     };
     for option in parts {
         match option.split_once('=') {
@@ -276,10 +297,50 @@ impl Callouts for CalloutQueue {
 }
 
 /// A worker's pooled clients for callouts: whole requests (`http_call`,
-/// unary gRPC) and streamed ones (gRPC streams).
+/// unary gRPC) and streamed ones (gRPC streams); plain-TCP clusters share
+/// one pair of pools, each TLS cluster has its own.
 pub struct ClusterClients {
+    plain: ClusterPools,
+    tls: HashMap<String, ClusterPools>,
+}
+
+/// The pools callouts to some clusters go through.
+pub struct ClusterPools {
     pub calls: Upstreams<WholeBody>,
     pub streams: Upstreams<crate::body::ChannelBody>,
+}
+
+impl ClusterPools {
+    fn new(tls: Option<&crate::tls::UpstreamTls>) -> Result<ClusterPools, crate::tls::TlsError> {
+        Ok(ClusterPools {
+            calls: Upstreams::new(tls)?,
+            streams: Upstreams::new(tls)?,
+        })
+    }
+}
+
+impl ClusterClients {
+    /// Pools for `clusters`: TLS clusters get their own.
+    pub fn new(clusters: &Clusters) -> Result<ClusterClients, crate::tls::TlsError> {
+        let mut tls = HashMap::new();
+        for cluster in clusters.values() {
+            if let Some(config) = &cluster.tls {
+                tls.insert(cluster.name.clone(), ClusterPools::new(Some(config))?);
+            }
+        }
+        Ok(ClusterClients {
+            plain: ClusterPools::new(None)?,
+            tls,
+        })
+    }
+
+    /// The pools a callout to `cluster` goes through.
+    pub fn pools(&self, cluster: &Cluster) -> &ClusterPools {
+        match &cluster.tls {
+            Some(_) => self.tls.get(&cluster.name).unwrap_or(&self.plain),
+            None => &self.plain,
+        }
+    }
 }
 
 /// How a gRPC call ended.
@@ -306,7 +367,7 @@ pub async fn send_http(
     };
     let upstream = request.upstream.clone();
     let headers = request.headers.clone();
-    let outgoing = match build_request(version, &headers, request) {
+    let outgoing = match build_request(cluster, version, &headers, request) {
         Ok(outgoing) => outgoing,
         Err(error) => {
             tracing::warn!(cluster = %upstream, %error, "http_call request is not valid HTTP");
@@ -402,7 +463,7 @@ pub async fn send_grpc(
         trailers: HeaderMap::new(),
         timeout,
     };
-    let outgoing = match build_request(Version::HTTP_2, &headers, outgoing) {
+    let outgoing = match build_request(cluster, Version::HTTP_2, &headers, outgoing) {
         Ok(outgoing) => outgoing,
         Err(error) => return GrpcOutcome::Closed(GRPC_INTERNAL, error),
     };
@@ -510,8 +571,11 @@ pub async fn run_grpc_stream(
     *outgoing.method_mut() = http::Method::POST;
     *outgoing.headers_mut() = headers;
     match format!(
-        "http://{}/{}/{}",
-        request.upstream, request.service, request.method
+        "{}://{}/{}/{}",
+        cluster.scheme(),
+        request.upstream,
+        request.service,
+        request.method
     )
     .parse()
     {
@@ -635,6 +699,7 @@ fn effective_timeout(plugin: Duration, cluster: Option<Duration>) -> Duration {
 /// The outgoing request of a callout: HTTP/1.1 in origin form with `Host`
 /// from `:authority`, HTTP/2 with the authority in the URI.
 fn build_request(
+    cluster: &Cluster,
     version: Version,
     headers: &HeaderMap,
     call: HttpCallRequest,
@@ -649,7 +714,7 @@ fn build_request(
     let path = get(":path")?;
     let authority = get(":authority")?;
     let uri = if version == Version::HTTP_2 {
-        format!("http://{authority}{path}")
+        format!("{}://{authority}{path}", cluster.scheme())
     } else {
         path.to_owned()
     };

@@ -418,6 +418,9 @@ impl Config {
         for tls in self.outbound.upstream_tls.values_mut() {
             tls.resolve_paths(base);
         }
+        for tls in self.clusters.values_mut().filter_map(|c| c.tls.as_mut()) {
+            tls.resolve_paths(base);
+        }
         if self.modules.cache_dir.is_relative() {
             self.modules.cache_dir = base.join(&self.modules.cache_dir);
         }
@@ -592,6 +595,11 @@ impl Config {
                     format!("clusters.{name}.timeout_ms"),
                     "must be at least 1".into(),
                 ));
+            }
+            if let Some(tls) = &cluster.tls {
+                tls.check().map_err(|(line, field, message)| {
+                    invalid(line, format!("clusters.{name}.tls.{field}"), message)
+                })?;
             }
         }
         if self.http.buffer_limit_bytes == 0 {

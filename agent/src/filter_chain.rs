@@ -831,7 +831,7 @@ async fn run_callout(
             let (token, origin) = (request.token, request.context_id);
             let span = tracing::debug_span!("http_call", cluster = %request.upstream, token);
             let response = tracing::Instrument::instrument(
-                callout::send_http(&client.calls, &cluster, request),
+                callout::send_http(&client.pools(&cluster).calls, &cluster, request),
                 span,
             )
             .await;
@@ -845,7 +845,8 @@ async fn run_callout(
         }
         Callout::Grpc(request, cluster) => {
             let (token, origin) = (request.token, request.context_id);
-            let outcome = callout::send_grpc(&client.calls, &cluster, request).await;
+            let outcome =
+                callout::send_grpc(&client.pools(&cluster).calls, &cluster, request).await;
             deliver(
                 token,
                 origin,
@@ -861,18 +862,24 @@ async fn run_callout(
         }
         Callout::GrpcStream(request, cluster, sends) => {
             let (token, origin) = (request.token, request.context_id);
-            callout::run_grpc_stream(&client.streams, &cluster, request, sends, |event| {
-                let Some(chain) = chain.upgrade() else {
-                    return false;
-                };
-                match chain.try_borrow_mut() {
-                    Ok(mut chain) => chain.deliver_stream_event(index, token, origin, event),
-                    Err(_) => {
-                        tracing::warn!(token, "gRPC stream event dropped: the chain is busy");
-                        true
+            callout::run_grpc_stream(
+                &client.pools(&cluster).streams,
+                &cluster,
+                request,
+                sends,
+                |event| {
+                    let Some(chain) = chain.upgrade() else {
+                        return false;
+                    };
+                    match chain.try_borrow_mut() {
+                        Ok(mut chain) => chain.deliver_stream_event(index, token, origin, event),
+                        Err(_) => {
+                            tracing::warn!(token, "gRPC stream event dropped: the chain is busy");
+                            true
+                        }
                     }
-                }
-            })
+                },
+            )
             .await;
         }
     }

@@ -68,7 +68,7 @@ pub struct ServerTls {
 }
 
 /// TLS towards an upstream.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct UpstreamTls {
     /// CA bundle that signs the upstream's certificate.
     pub ca: PathBuf,
@@ -254,7 +254,8 @@ pub struct ListenerTlsConfig {
     pub alpn: Option<Spanned<Vec<String>>>,
 }
 
-/// `upstream_tls:` of a listener: originate TLS (or mTLS) to its upstream.
+/// `upstream_tls:` of a listener, or `tls:` of a cluster: originate TLS
+/// (or mTLS) to the upstream.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsConfig {

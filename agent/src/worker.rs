@@ -190,11 +190,10 @@ fn run_worker(
                 .map(AccessLog::for_worker)
                 .transpose()
                 .map_err(|source| WorkerError::Runtime { index, source })?;
-            // Callouts to clusters: plain TCP, pooled per cluster address.
-            let cluster_client = Rc::new(crate::callout::ClusterClients {
-                calls: Upstreams::new(None).map_err(tls_err)?,
-                streams: Upstreams::new(None).map_err(tls_err)?,
-            });
+            // Callouts to clusters, pooled per cluster address.
+            let cluster_client = Rc::new(
+                crate::callout::ClusterClients::new(&context.http.clusters).map_err(tls_err)?,
+            );
             let plugins = context.plugins.borrow().clone();
             let (chain, network) = build_chains(&plugins, context.chain_env(&cluster_client))
                 .map_err(|source| WorkerError::Plugin { index, source })?;

@@ -2,8 +2,9 @@
 //! generated in the test: a listener terminates TLS (ALPN h2 / http/1.1, or
 //! what `alpn` allows) and requires client certificates under mTLS, plugins
 //! read what the handshake established as `connection.*` properties, and a
-//! listener originates mTLS to an upstream that requires it. Mistakes in the
-//! TLS settings are refused with the file, line and field.
+//! listener originates mTLS to an upstream that requires it, and so do
+//! plugins' callouts to a cluster with `tls:`. Mistakes in the TLS settings
+//! are refused with the file, line and field.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -350,6 +351,10 @@ fn tls_mistakes_are_refused_with_file_line_and_field() {
             outbound("443", "nope.pem"),
             vec![":7: `outbound.upstream_tls.443.ca`", "no such file"],
         ),
+        (
+            "outbound:\n  listen: 10.213.65.1:19319\nclusters:\n  auth:\n    address: 127.0.0.1:9000\n    tls:\n      ca: nope.pem\n      server_name: svc.test\n".to_owned(),
+            vec![":7: `clusters.auth.tls.ca`", "no such file"],
+        ),
     ]);
     for (yaml, expected) in cases {
         let (code, stderr) = check_config(&dir, &yaml);
@@ -365,4 +370,88 @@ fn tls_mistakes_are_refused_with_file_line_and_field() {
     // Relative paths are read from the config file's directory.
     let (code, stderr) = check_config(&dir, &tls("server.pem", "server-key.pem", ""));
     assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn callouts_to_a_tls_cluster_go_out_over_mtls() {
+    let dir = TestDir::new().unwrap();
+    let pki = TestPki::generate(&dir).unwrap();
+    let _echo = echo(19328);
+    // The cluster: the callout backend behind a wisp that terminates TLS and
+    // requires client certificates (ALPN h2 or http/1.1).
+    let _backend = wisp_testbed::backend::Backend::start(19327);
+    let tls_front_args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:19326",
+        "--upstream",
+        "127.0.0.1:19327",
+        "--tls-cert",
+        &p(&pki.server_cert),
+        "--tls-key",
+        &p(&pki.server_key),
+        "--tls-client-ca",
+        &p(&pki.ca),
+        "--admin",
+        "127.0.0.1:19377",
+        "--workers",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let tls_front = Agent::start_proxy(
+        &artifacts::wisp_bin().unwrap(),
+        &tls_front_args,
+        SocketAddr::from(([127, 0, 0, 1], 19377)),
+    )
+    .unwrap();
+    let tls = format!(
+        "    tls:\n      ca: {}\n      server_name: svc.test\n      client_cert: {}\n      client_key: {}\n",
+        p(&pki.ca),
+        p(&pki.client_cert),
+        p(&pki.client_key)
+    );
+    let yaml = format!(
+        "{}plugins:\n  - name: conformance\n    module: {}\nclusters:\n  backend:\n    address: 127.0.0.1:19326\n    timeout_ms: 2000\n{tls}  grpc-backend:\n    address: 127.0.0.1:19326\n{tls}listeners:\n  - name: api\n    listen: 127.0.0.1:19325\n    upstream: 127.0.0.1:19328\n",
+        run_config(19324, 19376),
+        artifacts::conformance_filter_wasm().unwrap().display(),
+    );
+    let _agent = wisp_run(&yaml, 19376);
+
+    // http_call over HTTP/1.1 + mTLS: the answer reached the plugin.
+    let reply = curl(&["-H", "x-callout-body: hi", "http://127.0.0.1:19325/callout"]).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = reply.echo().unwrap();
+    assert_eq!(
+        seen["headers"]["x-conf-callout-body"], "checked:POST:/check:hi",
+        "{seen}"
+    );
+    // Unary gRPC over HTTP/2 (ALPN h2) + mTLS.
+    let reply = curl(&["http://127.0.0.1:19325/grpc"]).unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let seen = reply.echo().unwrap();
+    assert_eq!(
+        seen["headers"]["x-conf-grpc-message"], "allow:1:request-message",
+        "{seen}"
+    );
+
+    // Both went through the TLS front with a client certificate: one
+    // pooled connection each, HTTP/1.1 and HTTP/2 as ALPN chose.
+    let metrics = tls_front.metrics().unwrap();
+    for protocol in ["https", "https2"] {
+        assert_eq!(
+            metric(
+                &metrics,
+                "wisp_downstream_connections_total",
+                &[("protocol", protocol)]
+            ),
+            1.0,
+            "the cluster saw one {protocol} connection: {metrics}"
+        );
+    }
+    assert_eq!(
+        metric(&metrics, "wisp_tls_handshake_errors_total", &[]),
+        0.0,
+        "{metrics}"
+    );
 }
