@@ -110,6 +110,30 @@ impl Agent {
         Agent::spawn(command, fresh_dir()?, admin)
     }
 
+    /// A one-worker `wisp proxy` on `listen` that terminates TLS with the
+    /// PKI's server certificate, requires client certificates (mTLS) and
+    /// forwards to `upstream`: the TLS-only server of the TLS tests.
+    pub fn start_mtls_front(
+        wisp_bin: &Path,
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        admin: SocketAddr,
+        pki: &crate::pki::TestPki,
+    ) -> Result<Agent, AgentError> {
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            listen.to_string(),
+            "--upstream".into(),
+            upstream.to_string(),
+            "--admin".into(),
+            admin.to_string(),
+            "--workers".into(),
+            "1".into(),
+        ];
+        args.extend(pki.mtls_server_flags());
+        Agent::start_proxy(wisp_bin, &args, admin)
+    }
+
     /// Like [`Agent::start_proxy`], logging only warnings and errors, as the
     /// benchmarks run Envoy.
     pub fn start_proxy_quiet(

@@ -57,3 +57,19 @@ impl TestPki {
         })
     }
 }
+
+impl TestPki {
+    /// The quick-mode flags of a wisp that terminates TLS with the server
+    /// certificate and requires client certificates signed by the CA (mTLS).
+    pub fn mtls_server_flags(&self) -> Vec<String> {
+        let p = |path: &Path| path.display().to_string();
+        vec![
+            "--tls-cert".into(),
+            p(&self.server_cert),
+            "--tls-key".into(),
+            p(&self.server_key),
+            "--tls-client-ca".into(),
+            p(&self.ca),
+        ]
+    }
+}

@@ -205,29 +205,12 @@ fn a_config_listener_originates_mtls_to_its_upstream() {
     let pki = TestPki::generate(&dir).unwrap();
     let _echo = echo(19371);
     // The upstream: a TLS-terminating wisp that requires client certificates.
-    let backend_args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:19322",
-        "--upstream",
-        "127.0.0.1:19371",
-        "--tls-cert",
-        &p(&pki.server_cert),
-        "--tls-key",
-        &p(&pki.server_key),
-        "--tls-client-ca",
-        &p(&pki.ca),
-        "--admin",
-        "127.0.0.1:19393",
-        "--workers",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let backend = Agent::start_proxy(
+    let backend = Agent::start_mtls_front(
         &artifacts::wisp_bin().unwrap(),
-        &backend_args,
+        SocketAddr::from(([127, 0, 0, 1], 19322)),
+        SocketAddr::from(([127, 0, 0, 1], 19371)),
         SocketAddr::from(([127, 0, 0, 1], 19393)),
+        &pki,
     )
     .unwrap();
     let yaml = format!(
@@ -380,29 +363,12 @@ fn callouts_to_a_tls_cluster_go_out_over_mtls() {
     // The cluster: the callout backend behind a wisp that terminates TLS and
     // requires client certificates (ALPN h2 or http/1.1).
     let _backend = wisp_testbed::backend::Backend::start(19327);
-    let tls_front_args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:19326",
-        "--upstream",
-        "127.0.0.1:19327",
-        "--tls-cert",
-        &p(&pki.server_cert),
-        "--tls-key",
-        &p(&pki.server_key),
-        "--tls-client-ca",
-        &p(&pki.ca),
-        "--admin",
-        "127.0.0.1:19377",
-        "--workers",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let tls_front = Agent::start_proxy(
+    let tls_front = Agent::start_mtls_front(
         &artifacts::wisp_bin().unwrap(),
-        &tls_front_args,
+        SocketAddr::from(([127, 0, 0, 1], 19326)),
+        SocketAddr::from(([127, 0, 0, 1], 19327)),
         SocketAddr::from(([127, 0, 0, 1], 19377)),
+        &pki,
     )
     .unwrap();
     let tls = format!(

@@ -33,29 +33,12 @@ fn a_steered_request_to_a_port_with_upstream_tls_goes_out_over_mtls() {
         wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), 19364).unwrap();
     // The destination: a TLS server on the node that requires client
     // certificates (a wisp in quick mode in front of the echo server).
-    let backend_args: Vec<String> = [
-        "--listen",
-        &format!("{node_ip}:19362"),
-        "--upstream",
-        "127.0.0.1:19364",
-        "--tls-cert",
-        &p(&pki.server_cert),
-        "--tls-key",
-        &p(&pki.server_key),
-        "--tls-client-ca",
-        &p(&pki.ca),
-        "--admin",
-        "127.0.0.1:19363",
-        "--workers",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let backend = Agent::start_proxy(
+    let backend = Agent::start_mtls_front(
         &artifacts::wisp_bin().unwrap(),
-        &backend_args,
+        SocketAddr::from((node_ip, 19362)),
+        SocketAddr::from(([127, 0, 0, 1], 19364)),
         SocketAddr::from(([127, 0, 0, 1], 19363)),
+        &pki,
     )
     .unwrap();
 
