@@ -30,7 +30,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::Notify;
 use wisp_wasm_host::abi::StreamType;
@@ -44,6 +44,7 @@ use crate::callout::{
 };
 use crate::metrics::{Metrics, PluginLabels};
 use crate::plugin_metrics::PluginMetrics;
+use crate::plugin_timers::SlotTimers;
 use crate::plugins::{Facts, PluginMatch};
 
 /// The response details Envoy gives a stream failed by a Wasm plugin.
@@ -66,11 +67,7 @@ pub struct ChainEnv {
 struct Slot {
     supervisor: Supervisor,
     callouts: Arc<CalloutQueue>,
-    /// Woken (from any thread) when a shared queue of this plugin got items.
-    queue_ready: Arc<Notify>,
-    /// Woken when the tick period changed.
-    tick_changed: Rc<Notify>,
-    tick_period: Option<Duration>,
+    timers: SlotTimers,
     labels: PluginLabels,
     /// Requests that do not match skip the plugin (`plugins[].match`).
     matcher: Option<PluginMatch>,
@@ -224,22 +221,19 @@ impl FilterChain {
         let mut slots = Vec::with_capacity(plugins.len());
         for plugin in plugins {
             let callouts = CalloutQueue::new(env.clusters.clone());
-            let queue_ready = Arc::new(Notify::new());
-            let waker = queue_ready.clone();
+            let mut timers = SlotTimers::default();
             let embedder = Embedder {
                 callouts: Some(callouts.clone()),
                 metrics: env.plugin_metrics.as_ref().map(|m| m.sink(plugin.name())),
-                queue_waker: Some(Arc::new(move || waker.notify_one())),
+                queue_waker: Some(timers.queue_waker()),
                 ..Default::default()
             };
             let mut supervisor = Supervisor::new(plugin.clone(), embedder)?;
-            let tick_period = supervisor.current_instance().and_then(|i| i.tick_period());
+            timers.set_tick_period(supervisor.current_instance().and_then(|i| i.tick_period()));
             slots.push(Slot {
                 supervisor,
                 callouts,
-                queue_ready,
-                tick_changed: Rc::new(Notify::new()),
-                tick_period,
+                timers,
                 labels: PluginLabels {
                     plugin: plugin.name().to_owned(),
                 },
@@ -265,11 +259,7 @@ impl FilterChain {
     /// Starts the chain's timers and shared-queue listeners on this
     /// worker; they end when the chain is dropped.
     pub fn start_background(chain: &SharedChain) {
-        let count = chain.borrow().slots.len();
-        for index in 0..count {
-            tokio::task::spawn_local(tick_loop(Rc::downgrade(chain), index));
-            tokio::task::spawn_local(queue_loop(Rc::downgrade(chain), index));
-        }
+        crate::plugin_timers::start(chain);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -616,10 +606,7 @@ impl FilterChain {
             Some(instance) => (instance.take_stream_requests(), instance.tick_period()),
             None => (Vec::new(), None),
         };
-        if period != slot.tick_period {
-            slot.tick_period = period;
-            slot.tick_changed.notify_one();
-        }
+        slot.timers.set_tick_period(period);
         for request in requests {
             let Some(state) = self.streams.get(&(index, request.context_id)) else {
                 tracing::debug!(
@@ -726,6 +713,16 @@ impl FilterChain {
         self.deliver(index, token, origin, delivery);
         open && self.slots[index].callouts.stream_open(token)
     }
+}
+
+impl crate::plugin_timers::TimedChain for FilterChain {
+    fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn timers(&self, index: usize) -> &SlotTimers {
+        &self.slots[index].timers
+    }
 
     fn tick(&mut self, index: usize) {
         let slot = &mut self.slots[index];
@@ -750,60 +747,6 @@ impl FilterChain {
             let _ = slot.fail(error, &self.metrics);
         }
         self.after_call(index);
-    }
-}
-
-/// How often background loops check that their chain still exists while
-/// they have nothing else to wait for.
-const LIVENESS_CHECK: Duration = Duration::from_secs(1);
-
-/// Calls `on_tick` on slot `index` every tick period the plugin set.
-async fn tick_loop(chain: Weak<RefCell<FilterChain>>, index: usize) {
-    loop {
-        let (period, changed) = {
-            let Some(chain) = chain.upgrade() else { return };
-            let chain = chain.borrow();
-            let slot = &chain.slots[index];
-            (slot.tick_period, slot.tick_changed.clone())
-        };
-        let due = match period {
-            Some(period) => tokio::select! {
-                _ = tokio::time::sleep(period) => true,
-                _ = changed.notified() => false,
-            },
-            None => {
-                tokio::select! {
-                    _ = changed.notified() => {}
-                    _ = tokio::time::sleep(LIVENESS_CHECK) => {}
-                }
-                false
-            }
-        };
-        if due {
-            let Some(chain) = chain.upgrade() else { return };
-            if let Ok(mut chain) = chain.try_borrow_mut() {
-                chain.tick(index);
-            }
-        }
-    }
-}
-
-/// Delivers `on_queue_ready` on this worker when slot `index`'s queues get items.
-async fn queue_loop(chain: Weak<RefCell<FilterChain>>, index: usize) {
-    loop {
-        let ready = {
-            let Some(chain) = chain.upgrade() else { return };
-            let chain = chain.borrow();
-            chain.slots[index].queue_ready.clone()
-        };
-        tokio::select! {
-            _ = ready.notified() => {}
-            _ = tokio::time::sleep(LIVENESS_CHECK) => {}
-        }
-        let Some(chain) = chain.upgrade() else { return };
-        if let Ok(mut chain) = chain.try_borrow_mut() {
-            chain.queue_ready(index);
-        }
     }
 }
 

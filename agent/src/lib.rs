@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod module_fetch;
 pub mod network_chain;
 pub mod plugin_metrics;
+pub mod plugin_timers;
 pub mod plugins;
 pub mod pod_resolver;
 pub mod reload;

@@ -18,6 +18,11 @@
 //!   `on_delete`.
 //! * A plugin may close the connection (`proxy_close_stream`, e.g. the
 //!   SDK's `close_downstream()`).
+//! * Root contexts get `on_tick` every period they set and `on_queue_ready`
+//!   when their shared queues get items, on the worker that owns the
+//!   instance (see `plugin_timers`); plugin-defined metrics are exported as
+//!   for HTTP filters. A `proxy_continue_stream` or `proxy_close_stream` from
+//!   a tick or a queue callback does not reach a connection yet.
 //!
 //! Failure policies, per plugin: FAIL_CLOSED and FAIL_RELOAD close the
 //! connection (an HTTP stream gets a 503; a TCP connection can only be
@@ -29,6 +34,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
 use wisp_wasm_host::abi::StreamType;
@@ -36,11 +42,14 @@ use wisp_wasm_host::{
     Action, Embedder, FailureAction, PeerType, StreamRequestKind, Supervisor, TcpConnection,
 };
 
+use crate::filter_chain::ChainEnv;
 use crate::metrics::{Metrics, PluginLabels};
+use crate::plugin_timers::{SlotTimers, TimedChain};
 use crate::plugins::{ConfiguredPlugin, Facts};
 
 struct Slot {
     supervisor: Supervisor,
+    timers: SlotTimers,
     /// Bumped whenever the instance is discarded: a context id of an older
     /// generation belongs to an instance that is gone.
     generation: u64,
@@ -50,6 +59,9 @@ struct Slot {
 /// A worker's network filters.
 pub struct NetworkChain {
     slots: Vec<Slot>,
+    /// For failures in root-context calls (ticks, queues); connection calls
+    /// get the worker's metrics passed in.
+    metrics: Arc<Metrics>,
 }
 
 /// Where one connection stands in one filter.
@@ -83,19 +95,38 @@ pub enum Verdict {
 }
 
 impl NetworkChain {
-    /// Instantiates every network plugin for this worker.
-    pub fn new(plugins: &[ConfiguredPlugin]) -> Result<NetworkChain, wisp_wasm_host::Error> {
+    /// Instantiates every network plugin for this worker; `env`'s plugin
+    /// metrics receive the metrics plugins define.
+    pub fn new(
+        plugins: &[ConfiguredPlugin],
+        env: &ChainEnv,
+    ) -> Result<NetworkChain, wisp_wasm_host::Error> {
+        let plugin_metrics = env.plugin_metrics.as_ref();
         let slots = plugins
             .iter()
             .map(|configured| {
+                let mut timers = SlotTimers::default();
+                let embedder = Embedder {
+                    metrics: plugin_metrics.map(|m| m.sink(configured.plugin.name())),
+                    queue_waker: Some(timers.queue_waker()),
+                    ..Default::default()
+                };
+                let mut supervisor = Supervisor::new(configured.plugin.clone(), embedder)?;
+                timers.set_tick_period(supervisor.current_instance().and_then(|i| i.tick_period()));
                 Ok(Slot {
-                    supervisor: Supervisor::new(configured.plugin.clone(), Embedder::default())?,
+                    supervisor,
+                    timers,
                     generation: 0,
                     configured: configured.clone(),
                 })
             })
             .collect::<Result<_, wisp_wasm_host::Error>>()?;
-        Ok(NetworkChain { slots })
+        let metrics = env.metrics.clone().unwrap_or_else(|| {
+            Arc::new(Metrics::new(
+                &mut prometheus_client::registry::Registry::default(),
+            ))
+        });
+        Ok(NetworkChain { slots, metrics })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -311,6 +342,23 @@ enum Direction {
 pub struct Closed;
 
 impl Slot {
+    /// Picks up a tick period the plugin set during its last call.
+    fn note_tick_period(&mut self) {
+        let period = self
+            .supervisor
+            .current_instance()
+            .and_then(|i| i.tick_period());
+        self.timers.set_tick_period(period);
+    }
+
+    /// A root-context call (`on_tick`, `on_queue_ready`) failed: the failed
+    /// instance is discarded, so every connection it held gets its policy.
+    fn root_call_failed(&mut self, error: wisp_wasm_host::Error, metrics: &Metrics) {
+        metrics.plugin_failures.get_or_create(&self.labels()).inc();
+        self.supervisor.on_failure(&error, Instant::now());
+        self.generation += 1;
+    }
+
     fn labels(&self) -> PluginLabels {
         PluginLabels {
             plugin: self.supervisor.plugin().name().to_owned(),
@@ -330,6 +378,7 @@ impl Slot {
         match result {
             Ok(action) => {
                 self.supervisor.on_success();
+                self.note_tick_period();
                 let context = match stream.states[index] {
                     State::Active { id, .. } => Some(id),
                     _ => None,
@@ -402,16 +451,57 @@ impl Slot {
     }
 }
 
+impl TimedChain for NetworkChain {
+    fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn timers(&self, index: usize) -> &SlotTimers {
+        &self.slots[index].timers
+    }
+
+    fn tick(&mut self, index: usize) {
+        let metrics = self.metrics.clone();
+        let slot = &mut self.slots[index];
+        let Some(instance) = slot.supervisor.current_instance() else {
+            return;
+        };
+        match instance.on_tick() {
+            Ok(()) => slot.note_tick_period(),
+            Err(error) => slot.root_call_failed(error, &metrics),
+        }
+    }
+
+    fn queue_ready(&mut self, index: usize) {
+        let metrics = self.metrics.clone();
+        let slot = &mut self.slots[index];
+        let Some(instance) = slot.supervisor.current_instance() else {
+            return;
+        };
+        if !instance.has_pending_queue_ready() {
+            return;
+        }
+        match instance.deliver_queue_ready() {
+            Ok(_) => slot.note_tick_period(),
+            Err(error) => slot.root_call_failed(error, &metrics),
+        }
+    }
+}
+
 /// The network chain new connections of a worker use; a config reload swaps
 /// in a new one, connections already open keep the one they started with.
+/// Each chain's timers run while it exists.
 pub struct NetworkFilters {
     current: RefCell<Rc<RefCell<NetworkChain>>>,
 }
 
 impl NetworkFilters {
+    /// Takes `chain` into use and starts its timers (on this worker).
     pub fn new(chain: NetworkChain) -> NetworkFilters {
+        let chain = Rc::new(RefCell::new(chain));
+        crate::plugin_timers::start(&chain);
         NetworkFilters {
-            current: RefCell::new(Rc::new(RefCell::new(chain))),
+            current: RefCell::new(chain),
         }
     }
 
@@ -419,7 +509,10 @@ impl NetworkFilters {
         self.current.borrow().clone()
     }
 
+    /// Swaps in `chain` for new connections and starts its timers.
     pub fn replace(&self, chain: NetworkChain) {
-        *self.current.borrow_mut() = Rc::new(RefCell::new(chain));
+        let chain = Rc::new(RefCell::new(chain));
+        crate::plugin_timers::start(&chain);
+        *self.current.borrow_mut() = chain;
     }
 }

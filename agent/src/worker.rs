@@ -291,13 +291,13 @@ pub fn build_chains(
     plugins: &[ConfiguredPlugin],
     env: ChainEnv,
 ) -> Result<(SharedChain, NetworkChain), wisp_wasm_host::Error> {
+    let network = NetworkChain::new(&crate::plugins::of_kind(plugins, PluginKind::Network), &env)?;
     let http = crate::plugins::of_kind(plugins, PluginKind::Http);
     let compiled: Vec<_> = http.iter().map(|p| p.plugin.clone()).collect();
     let chain = FilterChain::new(&compiled, env)?;
     chain
         .borrow_mut()
         .set_matches(http.iter().map(|p| p.matcher.clone()).collect());
-    let network = NetworkChain::new(&crate::plugins::of_kind(plugins, PluginKind::Network))?;
     Ok((chain, network))
 }
 

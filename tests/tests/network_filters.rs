@@ -618,3 +618,89 @@ fn a_filter_holds_the_upstream_connect_and_can_close_the_connection() {
         "{metrics}"
     );
 }
+
+/// A network filter whose root context ticks every 50 ms and counts the
+/// ticks, and whose every new connection puts an item into the plugin's own
+/// shared queue; `on_queue_ready` drains and counts them. Both counts are
+/// plugin-defined metrics.
+const TCP_TICKER: &str = r#"
+(module
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+  (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_increment_metric" (func $inc (param i32 i64) (result i32)))
+  (import "env" "proxy_register_shared_queue" (func $register (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_dequeue_shared_queue" (func $dequeue (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 16) "tcp_ticks")
+  (data (i32.const 32) "tcp_queue_ready")
+  (data (i32.const 96) "tq")
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $tick (i32.const 50)))
+    (drop (call $define (i32.const 0) (i32.const 16) (i32.const 9) (i32.const 64)))
+    (drop (call $define (i32.const 0) (i32.const 32) (i32.const 15) (i32.const 68)))
+    (drop (call $register (i32.const 96) (i32.const 2) (i32.const 72)))
+    (i32.const 1))
+  (func (export "proxy_on_tick") (param i32)
+    (drop (call $inc (i32.load (i32.const 64)) (i64.const 1))))
+  (func (export "proxy_on_queue_ready") (param i32) (param $queue i32)
+    (block $done (loop $next
+      (br_if $done (call $dequeue (local.get $queue) (i32.const 80) (i32.const 84)))
+      (drop (call $inc (i32.load (i32.const 68)) (i64.const 1)))
+      (br $next))))
+  (func (export "proxy_on_new_connection") (param i32) (result i32)
+    (drop (call $enqueue (i32.load (i32.const 72)) (i32.const 96) (i32.const 2)))
+    (i32.const 0))
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0)))
+"#;
+
+#[test]
+fn network_filters_get_ticks_queue_wakeups_and_their_own_metrics() {
+    let _server = TcpServer::start(19380);
+    let ticker = wasm_file("tcp-ticker.wasm", TCP_TICKER);
+    let agent = proxy(
+        19307,
+        19378,
+        19380,
+        &[
+            "--protocol",
+            "tcp",
+            "--plugin",
+            ticker.to_str().unwrap(),
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    for _ in 0..2 {
+        assert_eq!(exchange(19307, &[b"hi\n"]), "pong");
+    }
+    let counter = |metrics: &str, name: &str| {
+        metric(
+            metrics,
+            "wisp_wasm_plugin_counter_total",
+            &[("plugin", "tcp-ticker"), ("name", name)],
+        )
+    };
+    // Ticks come every 50 ms: wait until several did, within a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = agent.metrics().unwrap();
+        if counter(&metrics, "tcp_ticks") >= 5.0 || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(counter(&metrics, "tcp_ticks") >= 5.0, "{metrics}");
+    // One item per connection, delivered on the worker that owns the queue.
+    assert_eq!(counter(&metrics, "tcp_queue_ready"), 2.0, "{metrics}");
+}
