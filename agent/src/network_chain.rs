@@ -21,8 +21,10 @@
 //! * Root contexts get `on_tick` every period they set and `on_queue_ready`
 //!   when their shared queues get items, on the worker that owns the
 //!   instance (see `plugin_timers`); plugin-defined metrics are exported as
-//!   for HTTP filters. A `proxy_continue_stream` or `proxy_close_stream` from
-//!   a tick or a queue callback does not reach a connection yet.
+//!   for HTTP filters. A `proxy_close_stream` from a tick or a queue
+//!   callback closes the connection of the context it names; a
+//!   `proxy_continue_stream` from there does not resume one yet (a paused
+//!   connection goes on with its next data).
 //!
 //! Failure policies, per plugin: FAIL_CLOSED and FAIL_RELOAD close the
 //! connection (an HTTP stream gets a 503; a TCP connection can only be
@@ -37,6 +39,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio_util::sync::CancellationToken;
 use wisp_wasm_host::abi::StreamType;
 use wisp_wasm_host::{
     Action, Embedder, FailureAction, PeerType, StreamRequestKind, Supervisor, TcpConnection,
@@ -59,6 +62,9 @@ struct Slot {
 /// A worker's network filters.
 pub struct NetworkChain {
     slots: Vec<Slot>,
+    /// The open connections by (slot, context id), so a plugin can close
+    /// one from a root-context callback.
+    connections: HashMap<(usize, u32), CancellationToken>,
     /// For failures in root-context calls (ticks, queues); connection calls
     /// get the worker's metrics passed in.
     metrics: Arc<Metrics>,
@@ -81,6 +87,9 @@ pub struct NetworkStream {
     /// Filters whose `on_new_connection` has run (or that were skipped).
     started: usize,
     pub conn: TcpConnection,
+    /// Fired to end the connection now: a side failed, or a plugin closed
+    /// it from a timer or queue callback (see [`NetworkChain`]).
+    pub abort: CancellationToken,
 }
 
 /// What to do after a pass through the chain.
@@ -126,7 +135,11 @@ impl NetworkChain {
                 &mut prometheus_client::registry::Registry::default(),
             ))
         });
-        Ok(NetworkChain { slots, metrics })
+        Ok(NetworkChain {
+            slots,
+            connections: HashMap::new(),
+            metrics,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -154,6 +167,7 @@ impl NetworkChain {
                 properties,
                 ..Default::default()
             },
+            abort: CancellationToken::new(),
         }
     }
 
@@ -186,11 +200,13 @@ impl NetworkChain {
                 slot.policy(stream, index, metrics, slot.supervisor.failure_action())?;
                 continue;
             };
+            let connections = &mut self.connections;
             let result = instance.create_tcp_context().and_then(|id| {
                 stream.states[index] = State::Active {
                     id,
                     generation: slot.generation,
                 };
+                connections.insert((index, id), stream.abort.clone());
                 instance.on_new_connection(id, &mut stream.conn)
             });
             if slot.outcome(result, stream, index, None, metrics)? == Action::Pause {
@@ -263,6 +279,7 @@ impl NetworkChain {
             let State::Active { id, generation } = stream.states[index] else {
                 continue;
             };
+            self.connections.remove(&(index, id));
             if generation != slot.generation {
                 continue;
             }
@@ -470,6 +487,7 @@ impl TimedChain for NetworkChain {
             Ok(()) => slot.note_tick_period(),
             Err(error) => slot.root_call_failed(error, &metrics),
         }
+        self.route_stream_requests(index);
     }
 
     fn queue_ready(&mut self, index: usize) {
@@ -484,6 +502,40 @@ impl TimedChain for NetworkChain {
         match instance.deliver_queue_ready() {
             Ok(_) => slot.note_tick_period(),
             Err(error) => slot.root_call_failed(error, &metrics),
+        }
+        self.route_stream_requests(index);
+    }
+}
+
+impl NetworkChain {
+    /// Closes the connections slot `index` asked to close from a root
+    /// callback (`proxy_set_effective_context` + `proxy_close_stream`).
+    fn route_stream_requests(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        let Some(instance) = slot.supervisor.current_instance() else {
+            return;
+        };
+        for request in instance.take_stream_requests() {
+            let closes = request.kind == StreamRequestKind::Close
+                && matches!(
+                    request.stream,
+                    StreamType::Downstream | StreamType::Upstream
+                );
+            if !closes {
+                continue;
+            }
+            let Some(abort) = self.connections.get(&(index, request.context_id)) else {
+                continue;
+            };
+            tracing::info!(
+                plugin = slot.supervisor.plugin().name(),
+                "plugin closed a connection from a timer or queue callback"
+            );
+            self.metrics
+                .tcp_plugin_closes
+                .get_or_create(&slot.labels())
+                .inc();
+            abort.cancel();
         }
     }
 }

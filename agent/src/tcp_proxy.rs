@@ -172,6 +172,7 @@ async fn filtered(
         path: None,
     };
     let stream = chain.borrow().open(conn.properties(), &facts);
+    let abort = stream.abort.clone();
     let pump = Pump {
         chain,
         stream: RefCell::new(stream),
@@ -181,7 +182,7 @@ async fn filtered(
         sent: Cell::new(0),
         received: Cell::new(0),
         connect_failed: Cell::new(false),
-        abort: CancellationToken::new(),
+        abort,
     };
     let started = {
         let mut stream = pump.stream.borrow_mut();

@@ -704,3 +704,81 @@ fn network_filters_get_ticks_queue_wakeups_and_their_own_metrics() {
     // One item per connection, delivered on the worker that owns the queue.
     assert_eq!(counter(&metrics, "tcp_queue_ready"), 2.0, "{metrics}");
 }
+
+/// Remembers the newest connection's context and closes that connection
+/// from its next tick (every 50 ms): `proxy_set_effective_context` +
+/// `proxy_close_stream(DOWNSTREAM)` in `on_tick`.
+const TICK_CLOSER: &str = r#"
+(module
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+  (import "env" "proxy_set_effective_context" (func $effective (param i32) (result i32)))
+  (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 1024))
+  (global $conn (mut i32) (i32.const 0))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32)
+    (drop (call $tick (i32.const 50)))
+    (i32.const 1))
+  (func (export "proxy_on_tick") (param i32)
+    (if (global.get $conn) (then
+      (drop (call $effective (global.get $conn)))
+      (drop (call $close (i32.const 2)))
+      (global.set $conn (i32.const 0)))))
+  (func (export "proxy_on_new_connection") (param $ctx i32) (result i32)
+    (global.set $conn (local.get $ctx))
+    (i32.const 0))
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0)))
+"#;
+
+#[test]
+fn a_network_filter_closes_a_connection_from_its_tick() {
+    let _server = TcpServer::start(19312);
+    let closer = wasm_file("tick-closer.wasm", TICK_CLOSER);
+    let agent = proxy(
+        19309,
+        19372,
+        19312,
+        &[
+            "--protocol",
+            "tcp",
+            "--plugin",
+            closer.to_str().unwrap(),
+            "--plugin-kind",
+            "network",
+        ],
+    );
+    // The client sends a line and keeps its side open; the server waits for
+    // the client's end. Only the filter's tick can end this connection.
+    let mut stream = TcpStream::connect("127.0.0.1:19309").unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    stream.write_all(b"hi\n").unwrap();
+    let mut reply = Vec::new();
+    let read = stream.read_to_end(&mut reply);
+    assert!(
+        read.is_ok(),
+        "the connection was not closed by the tick: {read:?}\n{}",
+        agent.log()
+    );
+    assert!(reply.is_empty(), "{reply:?}");
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_tcp_plugin_closes_total",
+            &[("plugin", "tick-closer")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
