@@ -22,9 +22,9 @@
 //!   when their shared queues get items, on the worker that owns the
 //!   instance (see `plugin_timers`); plugin-defined metrics are exported as
 //!   for HTTP filters. A `proxy_close_stream` from a tick or a queue
-//!   callback closes the connection of the context it names; a
-//!   `proxy_continue_stream` from there does not resume one yet (a paused
-//!   connection goes on with its next data).
+//!   callback closes the connection of the context it names.
+//!   `proxy_continue_stream` on a network stream is UNIMPLEMENTED, as in
+//!   Envoy: a paused connection goes on with its next data.
 //!
 //! Failure policies, per plugin: FAIL_CLOSED and FAIL_RELOAD close the
 //! connection (an HTTP stream gets a 503; a TCP connection can only be
@@ -400,9 +400,9 @@ impl Slot {
                     State::Active { id, .. } => Some(id),
                     _ => None,
                 };
-                // Continue requests need nothing here: the connection goes on
-                // with the next data either way (no timers or callouts reach
-                // network filters yet, so nothing else could resume it).
+                // Only closes matter: the host refuses continue on network
+                // streams (UNIMPLEMENTED, as Envoy), and a paused connection
+                // goes on with its next data.
                 let close = self
                     .supervisor
                     .current_instance()
