@@ -8,17 +8,51 @@ use std::cell::RefCell;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::{Instant, SystemTime};
 
-/// One request, as logged.
+use crate::http_proxy::ConnectionInfo;
+
+/// What every line says: when, how long, and which connection.
 #[derive(Debug, serde::Serialize)]
-pub struct Entry<'a> {
+pub struct ConnectionFields<'a> {
     pub start_time_unix_ms: u128,
     pub duration_ms: f64,
     pub listener: &'a str,
     pub source_workload: &'a str,
     pub peer: SocketAddr,
     pub destination: SocketAddr,
+    /// `HTTP/1.1`, `HTTP/2` or `tcp`.
     pub protocol: &'a str,
+}
+
+impl<'a> ConnectionFields<'a> {
+    /// The fields of `conn` for something that started at `start` (wall
+    /// clock) / `started` (monotonic) and ends now.
+    pub fn new(
+        conn: &'a ConnectionInfo,
+        start: SystemTime,
+        started: Instant,
+        protocol: &'a str,
+    ) -> ConnectionFields<'a> {
+        ConnectionFields {
+            start_time_unix_ms: start
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            listener: &conn.listener,
+            source_workload: &conn.source_workload,
+            peer: conn.peer,
+            destination: conn.destination,
+            protocol,
+        }
+    }
+}
+
+/// One request, as logged.
+#[derive(Debug, serde::Serialize)]
+pub struct Entry<'a> {
+    #[serde(flatten)]
+    pub connection: ConnectionFields<'a>,
     pub method: &'a str,
     pub authority: &'a str,
     pub path: &'a str,
@@ -28,14 +62,8 @@ pub struct Entry<'a> {
 /// One TCP connection (not HTTP), as logged when it closed.
 #[derive(Debug, serde::Serialize)]
 pub struct TcpEntry<'a> {
-    pub start_time_unix_ms: u128,
-    pub duration_ms: f64,
-    pub listener: &'a str,
-    pub source_workload: &'a str,
-    pub peer: SocketAddr,
-    pub destination: SocketAddr,
-    /// Always `tcp`.
-    pub protocol: &'a str,
+    #[serde(flatten)]
+    pub connection: ConnectionFields<'a>,
     /// From the client to the upstream, after the network filters.
     pub bytes_sent: u64,
     /// From the upstream to the client, after the network filters.

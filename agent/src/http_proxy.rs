@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use wisp_wasm_host::{HeaderMap, HttpStream, LocalResponse};
 
-use crate::access_log::{AccessLog, Entry};
+use crate::access_log::{AccessLog, ConnectionFields, Entry};
 use crate::body::{BodySender, ChannelBody};
 use crate::filter_chain::{
     BodyStep, Direction, FilterChain, Resume, SharedChain, Step, StreamState,
@@ -309,20 +309,13 @@ async fn handle(
     if let (Some(log), Some((method, authority, path, version, start))) =
         (&worker.access_log, logged)
     {
+        let protocol = if version == Version::HTTP_2 {
+            "HTTP/2"
+        } else {
+            "HTTP/1.1"
+        };
         log.record(&Entry {
-            start_time_unix_ms: start
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis()),
-            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-            listener: &conn.listener,
-            source_workload: &conn.source_workload,
-            peer: conn.peer,
-            destination: conn.destination,
-            protocol: if version == Version::HTTP_2 {
-                "HTTP/2"
-            } else {
-                "HTTP/1.1"
-            },
+            connection: ConnectionFields::new(conn, start, started, protocol),
             method: method.as_str(),
             authority: &authority,
             path: &path,

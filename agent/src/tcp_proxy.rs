@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use wisp_wasm_host::PeerType;
 
-use crate::access_log::{AccessLog, TcpEntry};
+use crate::access_log::{AccessLog, ConnectionFields, TcpEntry};
 use crate::http_proxy::ConnectionInfo;
 use crate::metrics::Metrics;
 use crate::network_chain::{NetworkChain, NetworkStream, Verdict};
@@ -52,15 +52,7 @@ pub async fn serve(
     };
     if let Some(log) = access_log {
         log.record(&TcpEntry {
-            start_time_unix_ms: start_time
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis()),
-            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
-            listener: &conn.listener,
-            source_workload: &conn.source_workload,
-            peer: conn.peer,
-            destination: conn.destination,
-            protocol: "tcp",
+            connection: ConnectionFields::new(conn, start_time, started, "tcp"),
             bytes_sent: transferred.sent,
             bytes_received: transferred.received,
             upstream_connect_failed: transferred.connect_failed,

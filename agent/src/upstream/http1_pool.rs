@@ -57,9 +57,8 @@ where
     pub async fn send(
         &self,
         destination: SocketAddr,
-        request: Request<B>,
+        mut request: Request<B>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut request = request;
         origin_form(&mut request);
         let mut pooled = self.take_ready(destination);
         loop {
