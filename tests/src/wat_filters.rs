@@ -30,3 +30,20 @@ pub const HEADER_MARKER: &str = r#"
     (drop (call $add (i32.const 0) (global.get $name) (global.get $len) (i32.const 100) (i32.const 1)))
     (i32.const 0)))
 "#;
+
+/// What every Proxy-Wasm module needs besides its callbacks: memory, a bump
+/// allocator for `proxy_on_memory_allocate`, the ABI marker, context
+/// creation and a VM start that succeeds. Splice it into a module with
+/// `format!("(module {imports} {PREAMBLE} ...)")`.
+pub const PREAMBLE: &str = r#"
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $p i32)
+    (local.set $p (global.get $next))
+    (global.set $next (i32.add (global.get $next) (local.get $size)))
+    (local.get $p))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+"#;

@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use wisp_testbed::agent::{Agent, fresh_dir, metric};
 use wisp_testbed::backend::{Backend, TrailerBody, runtime};
 use wisp_testbed::process::ChildGuard;
+use wisp_testbed::wat_filters::PREAMBLE;
 use wisp_testbed::{artifacts, http};
 
 fn echo(port: u16) -> ChildGuard {
@@ -83,19 +84,6 @@ fn wat_plugin(name: &str, text: &str) -> (TestDir, Vec<String>) {
 fn curl(args: &[&str]) -> http::Reply {
     http::curl(args).unwrap()
 }
-
-const PREAMBLE: &str = r#"
-  (memory (export "memory") 1)
-  (global $next (mut i32) (i32.const 4096))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
-"#;
 
 /// Buffers both bodies to their end, then appends "+wat" without touching
 /// content-length: the proxy must fix the framing.

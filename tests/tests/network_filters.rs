@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wisp_testbed::agent::{Agent, TestDir, metric};
+use wisp_testbed::wat_filters::PREAMBLE;
 use wisp_testbed::{artifacts, http};
 
 /// A TCP server on loopback that records what each connection sent (until
@@ -623,7 +624,9 @@ fn a_filter_holds_the_upstream_connect_and_can_close_the_connection() {
 /// ticks, and whose every new connection puts an item into the plugin's own
 /// shared queue; `on_queue_ready` drains and counts them. Both counts are
 /// plugin-defined metrics.
-const TCP_TICKER: &str = r#"
+fn tcp_ticker() -> String {
+    format!(
+        r#"
 (module
   (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
   (import "env" "proxy_define_metric" (func $define (param i32 i32 i32 i32) (result i32)))
@@ -631,19 +634,10 @@ const TCP_TICKER: &str = r#"
   (import "env" "proxy_register_shared_queue" (func $register (param i32 i32 i32) (result i32)))
   (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
   (import "env" "proxy_dequeue_shared_queue" (func $dequeue (param i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
+  {PREAMBLE}
   (data (i32.const 16) "tcp_ticks")
   (data (i32.const 32) "tcp_queue_ready")
   (data (i32.const 96) "tq")
-  (global $next (mut i32) (i32.const 1024))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_configure") (param i32 i32) (result i32)
     (drop (call $tick (i32.const 50)))
     (drop (call $define (i32.const 0) (i32.const 16) (i32.const 9) (i32.const 64)))
@@ -662,12 +656,14 @@ const TCP_TICKER: &str = r#"
     (i32.const 0))
   (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
   (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0)))
-"#;
+"#
+    )
+}
 
 #[test]
 fn network_filters_get_ticks_queue_wakeups_and_their_own_metrics() {
     let _server = TcpServer::start(19380);
-    let ticker = wasm_file("tcp-ticker.wasm", TCP_TICKER);
+    let ticker = wasm_file("tcp-ticker.wasm", &tcp_ticker());
     let agent = proxy(
         19307,
         19378,
@@ -708,22 +704,15 @@ fn network_filters_get_ticks_queue_wakeups_and_their_own_metrics() {
 /// Remembers the newest connection's context and closes that connection
 /// from its next tick (every 50 ms): `proxy_set_effective_context` +
 /// `proxy_close_stream(DOWNSTREAM)` in `on_tick`.
-const TICK_CLOSER: &str = r#"
+fn tick_closer() -> String {
+    format!(
+        r#"
 (module
   (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
   (import "env" "proxy_set_effective_context" (func $effective (param i32) (result i32)))
   (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
-  (memory (export "memory") 1)
-  (global $next (mut i32) (i32.const 1024))
+  {PREAMBLE}
   (global $conn (mut i32) (i32.const 0))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_configure") (param i32 i32) (result i32)
     (drop (call $tick (i32.const 50)))
     (i32.const 1))
@@ -737,12 +726,14 @@ const TICK_CLOSER: &str = r#"
     (i32.const 0))
   (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) (i32.const 0))
   (func (export "proxy_on_upstream_data") (param i32 i32 i32) (result i32) (i32.const 0)))
-"#;
+"#
+    )
+}
 
 #[test]
 fn a_network_filter_closes_a_connection_from_its_tick() {
     let _server = TcpServer::start(19312);
-    let closer = wasm_file("tick-closer.wasm", TICK_CLOSER);
+    let closer = wasm_file("tick-closer.wasm", &tick_closer());
     let agent = proxy(
         19309,
         19372,
