@@ -244,7 +244,6 @@ pub fn run(
             "inbound.enabled is not supported in Kubernetes mode yet (inbound interception covers only the workloads enrolled at start)"
         );
     }
-    crate::heap::limit_arenas(config.worker_count());
     let plugins = compile_plugins(&plugin_sources(&config), &config.modules)?;
     let redirect = config
         .redirect_target()
@@ -357,7 +356,6 @@ pub struct QuickMode {
 }
 
 pub fn proxy(quick: QuickMode) -> anyhow::Result<()> {
-    crate::heap::limit_arenas(quick.workers);
     let plugins = compile_plugins(&quick.plugins, &ModulesConfig::default())?;
     let destination = match quick.upstream {
         Upstream::Addr(addr) => Destination::Fixed(addr),

@@ -1,34 +1,19 @@
-//! How the agent uses glibc's allocator, and giving freed memory back.
+//! Giving the memory that glibc's allocator keeps after a burst back to the
+//! kernel.
 //!
-//! glibc gives every thread that allocates its own arena (up to eight per
-//! core) and keeps freed memory in it; only the top of the main heap goes
-//! back to the kernel by itself. Compiling Wasm modules (Cranelift, on
-//! Wasmtime's compile threads) and instantiating them on every worker
-//! allocate and free several MiB, so an idle agent kept about 8 MiB of such
-//! garbage resident on our build machine. Two measures, both off the
-//! request path:
-//! - [`limit_arenas`]: one arena per worker plus one for everything else,
-//!   so threads that only ran once (compilation) do not each pin an arena;
-//! - [`release_free_memory`]: `malloc_trim` once a burst of compiling and
-//!   instantiating is over (start-up, a plugin swap).
+//! glibc gives threads their own arenas (up to eight per core) and keeps
+//! freed memory in them; only the top of the main heap goes back to the
+//! kernel by itself. Compiling Wasm modules (Cranelift, on Wasmtime's
+//! compile threads) and instantiating them on every worker allocate and free
+//! several MiB, so an idle agent kept about 8 MiB of such garbage resident on
+//! our build machine. [`release_free_memory`] runs `malloc_trim` once such a
+//! burst is over (start-up, a plugin swap), off the request path.
 //!
-//! The request path is unaffected: small allocations are served by glibc's
-//! per-thread caches without touching an arena's lock.
-
-/// Caps glibc's arenas at `workers + 1`. Call before starting threads.
-pub fn limit_arenas(workers: usize) {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let arenas = libc::c_int::try_from(workers.saturating_add(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: mallopt only sets a tunable of the allocator; called
-        // before other threads allocate, and valid at any time anyway.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, arenas);
-        }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    let _ = workers;
-}
+//! The number of arenas is deliberately left at glibc's default. Capping it
+//! (we tried `workers + 1`) let two workers end up on the same arena once
+//! the compile threads had taken the others: both then took its lock on the
+//! request path, which showed as ~1 futex call per request and cost a third
+//! of the throughput with two workers, for about 1 MiB of idle RSS saved.
 
 /// Returns freed heap pages of all malloc arenas to the kernel.
 pub fn release_free_memory() {
