@@ -233,6 +233,14 @@ impl CalloutQueue {
         self.state().streams.remove(&token);
     }
 
+    /// Forgets what a discarded instance left: its queued calls and its open
+    /// gRPC streams (their tasks end when the sending side goes).
+    pub fn clear(&self) {
+        let mut state = self.state();
+        state.pending.clear();
+        state.streams.clear();
+    }
+
     fn cluster(&self, name: &str) -> Result<Cluster, CalloutError> {
         self.clusters
             .get(name)

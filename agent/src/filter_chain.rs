@@ -35,13 +35,12 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use wisp_wasm_host::abi::StreamType;
 use wisp_wasm_host::{
-    Action, Embedder, FailureAction, HttpStream, LocalResponse, Plugin, PluginInstance,
-    StreamRequestKind, Supervisor,
+    Action, Embedder, FailureAction, HttpStream, LocalResponse, Plugin, StreamRequestKind,
+    Supervisor,
 };
 
-use crate::callout::{
-    self, Callout, CalloutQueue, ClusterClients, Clusters, GrpcOutcome, StreamEvent,
-};
+use crate::callout::{CalloutQueue, ClusterClients, Clusters};
+use crate::callout_runner::{self, Answer, CalloutOwner};
 use crate::metrics::{Metrics, PluginLabels};
 use crate::plugin_metrics::PluginMetrics;
 use crate::plugin_timers::SlotTimers;
@@ -635,27 +634,35 @@ impl FilterChain {
             tracing::warn!(plugin = %slot.labels.plugin, "callouts are not available here");
             return;
         };
-        for call in callouts {
-            tokio::task::spawn_local(run_callout(self.this.clone(), index, call, client.clone()));
-        }
+        let generation = slot.supervisor.generation();
+        callout_runner::start(&self.this, index, generation, callouts, &client);
+    }
+}
+
+impl CalloutOwner for FilterChain {
+    fn callout_queue(&self, index: usize) -> Option<&CalloutQueue> {
+        self.slots.get(index).map(|slot| &*slot.callouts)
     }
 
-    /// Delivers a callout's answer to slot `index` with the stream of the
-    /// context that made it, if that stream is still alive.
-    fn deliver(&mut self, index: usize, token: u32, origin: u32, deliver: Delivery) {
+    fn instance_generation(&self, index: usize) -> Option<u64> {
+        self.slots
+            .get(index)
+            .map(|slot| slot.supervisor.generation())
+    }
+
+    /// Delivers with the stream of the context that made the call, if that
+    /// stream is still alive.
+    fn deliver(&mut self, index: usize, token: u32, origin: u32, answer: Answer) {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
-        if slot.callouts.take_cancelled(token) {
-            return;
-        }
         let state = self.streams.get(&(index, origin)).cloned();
         let Some(instance) = slot.supervisor.current_instance() else {
             return;
         };
         let result = match state.as_ref().map(|s| s.stream.try_borrow_mut()) {
-            Some(Ok(mut stream)) => deliver(instance, Some(&mut stream)),
-            _ => deliver(instance, None),
+            Some(Ok(mut stream)) => answer.deliver_to(instance, token, Some(&mut stream)),
+            _ => answer.deliver_to(instance, token, None),
         };
         match result {
             Ok(()) => {
@@ -675,43 +682,6 @@ impl FilterChain {
             }
         }
         self.after_call(index);
-    }
-
-    /// Delivers one event of gRPC stream `token`; false once the plugin no
-    /// longer listens (cancelled, closed, or the instance is gone).
-    fn deliver_stream_event(
-        &mut self,
-        index: usize,
-        token: u32,
-        origin: u32,
-        event: StreamEvent,
-    ) -> bool {
-        let Some(slot) = self.slots.get(index) else {
-            return false;
-        };
-        if !slot.callouts.stream_open(token) {
-            return false;
-        }
-        let open = !matches!(event, StreamEvent::Close(..));
-        if !open {
-            slot.callouts.end_stream(token);
-        }
-        let delivery: Delivery = match event {
-            StreamEvent::InitialMetadata(metadata) => Box::new(move |instance, stream| {
-                instance.on_grpc_receive_initial_metadata(token, metadata, stream)
-            }),
-            StreamEvent::Message(message) => {
-                Box::new(move |instance, stream| instance.on_grpc_receive(token, message, stream))
-            }
-            StreamEvent::TrailingMetadata(metadata) => Box::new(move |instance, stream| {
-                instance.on_grpc_receive_trailing_metadata(token, metadata, stream)
-            }),
-            StreamEvent::Close(code, message) => Box::new(move |instance, stream| {
-                instance.on_grpc_close(token, code, &message, stream)
-            }),
-        };
-        self.deliver(index, token, origin, delivery);
-        open && self.slots[index].callouts.stream_open(token)
     }
 }
 
@@ -750,90 +720,17 @@ impl crate::plugin_timers::TimedChain for FilterChain {
     }
 }
 
-/// Hands a callout's answer to the instance, with the origin's stream if alive.
-type Delivery = Box<
-    dyn FnOnce(&mut PluginInstance, Option<&mut HttpStream>) -> Result<(), wisp_wasm_host::Error>,
->;
-
-/// Runs one callout and delivers its answer.
-async fn run_callout(
-    chain: Weak<RefCell<FilterChain>>,
-    index: usize,
-    call: Callout,
-    client: Rc<ClusterClients>,
-) {
-    let deliver = |token, origin, f: Delivery| {
-        let Some(chain) = chain.upgrade() else { return };
-        match chain.try_borrow_mut() {
-            Ok(mut chain) => chain.deliver(index, token, origin, f),
-            Err(_) => tracing::warn!(token, "callout answer dropped: the chain is busy"),
-        };
-    };
-    match call {
-        Callout::Http(request, cluster) => {
-            let (token, origin) = (request.token, request.context_id);
-            let span = tracing::debug_span!("http_call", cluster = %request.upstream, token);
-            let response = tracing::Instrument::instrument(
-                callout::send_http(&client.pools(&cluster).calls, &cluster, request),
-                span,
-            )
-            .await;
-            deliver(
-                token,
-                origin,
-                Box::new(move |instance, stream| {
-                    instance.on_http_call_response(token, response, stream)
-                }),
-            );
-        }
-        Callout::Grpc(request, cluster) => {
-            let (token, origin) = (request.token, request.context_id);
-            let outcome =
-                callout::send_grpc(&client.pools(&cluster).calls, &cluster, request).await;
-            deliver(
-                token,
-                origin,
-                Box::new(move |instance, stream| match outcome {
-                    GrpcOutcome::Message(message) => {
-                        instance.on_grpc_receive(token, message, stream)
-                    }
-                    GrpcOutcome::Closed(code, message) => {
-                        instance.on_grpc_close(token, code, &message, stream)
-                    }
-                }),
-            );
-        }
-        Callout::GrpcStream(request, cluster, sends) => {
-            let (token, origin) = (request.token, request.context_id);
-            callout::run_grpc_stream(
-                &client.pools(&cluster).streams,
-                &cluster,
-                request,
-                sends,
-                |event| {
-                    let Some(chain) = chain.upgrade() else {
-                        return false;
-                    };
-                    match chain.try_borrow_mut() {
-                        Ok(mut chain) => chain.deliver_stream_event(index, token, origin, event),
-                        Err(_) => {
-                            tracing::warn!(token, "gRPC stream event dropped: the chain is busy");
-                            true
-                        }
-                    }
-                },
-            )
-            .await;
-        }
-    }
-}
-
 impl Slot {
     /// Applies the failure policy after a failed call; returns the response
     /// to send, or `None` when the request continues without the plugin.
     fn fail(&mut self, error: wisp_wasm_host::Error, metrics: &Metrics) -> Option<LocalResponse> {
         metrics.plugin_failures.get_or_create(&self.labels).inc();
+        let generation = self.supervisor.generation();
         let action = self.supervisor.on_failure(&error, Instant::now());
+        if self.supervisor.generation() != generation {
+            // The instance is gone, and so are the calls it queued.
+            self.callouts.clear();
+        }
         self.respond(action)
     }
 

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod app;
 pub mod body;
 pub mod callout;
+pub mod callout_runner;
 pub mod config;
 pub mod ebpf;
 pub mod filter_chain;

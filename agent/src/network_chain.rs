@@ -25,6 +25,13 @@
 //!   callback closes the connection of the context it names.
 //!   `proxy_continue_stream` on a network stream is UNIMPLEMENTED, as in
 //!   Envoy: a paused connection goes on with its next data.
+//! * Plugins may make callouts (`proxy_http_call`, `proxy_grpc_call`,
+//!   `proxy_grpc_stream`) to the configured clusters from any callback, as
+//!   HTTP filters do (see `callout_runner`). The answer is delivered while
+//!   the calling connection is open (or, for a root-context call, while the
+//!   instance lives); the plugin reads it and may close the connection. As
+//!   in Envoy, the connection's data buffers are readable only inside the
+//!   data callbacks.
 //!
 //! Failure policies, per plugin: FAIL_CLOSED and FAIL_RELOAD close the
 //! connection (an HTTP stream gets a 503; a TCP connection can only be
@@ -35,7 +42,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,6 +52,8 @@ use wisp_wasm_host::{
     Action, Embedder, FailureAction, PeerType, StreamRequestKind, Supervisor, TcpConnection,
 };
 
+use crate::callout::{CalloutQueue, ClusterClients};
+use crate::callout_runner::{self, Answer, CalloutOwner};
 use crate::filter_chain::ChainEnv;
 use crate::metrics::{Metrics, PluginLabels};
 use crate::plugin_timers::{SlotTimers, TimedChain};
@@ -52,6 +61,7 @@ use crate::plugins::{ConfiguredPlugin, Facts};
 
 struct Slot {
     supervisor: Supervisor,
+    callouts: Arc<CalloutQueue>,
     timers: SlotTimers,
     /// Bumped whenever the instance is discarded: a context id of an older
     /// generation belongs to an instance that is gone.
@@ -65,9 +75,14 @@ pub struct NetworkChain {
     /// The open connections by (slot, context id), so a plugin can close
     /// one from a root-context callback.
     connections: HashMap<(usize, u32), CancellationToken>,
-    /// For failures in root-context calls (ticks, queues); connection calls
-    /// get the worker's metrics passed in.
+    /// For failures in root-context calls (ticks, queues, callout
+    /// answers); connection calls get the worker's metrics passed in.
     metrics: Arc<Metrics>,
+    /// The worker's pooled client for callouts (`None` for the reload
+    /// canary, which never runs a connection).
+    cluster_client: Option<Rc<ClusterClients>>,
+    /// This chain as its callout tasks hold it (set by [`NetworkFilters`]).
+    this: Weak<RefCell<NetworkChain>>,
 }
 
 /// Where one connection stands in one filter.
@@ -115,7 +130,9 @@ impl NetworkChain {
             .iter()
             .map(|configured| {
                 let mut timers = SlotTimers::default();
+                let callouts = CalloutQueue::new(env.clusters.clone());
                 let embedder = Embedder {
+                    callouts: Some(callouts.clone()),
                     metrics: plugin_metrics.map(|m| m.sink(configured.plugin.name())),
                     queue_waker: Some(timers.queue_waker()),
                     ..Default::default()
@@ -124,6 +141,7 @@ impl NetworkChain {
                 timers.set_tick_period(supervisor.current_instance().and_then(|i| i.tick_period()));
                 Ok(Slot {
                     supervisor,
+                    callouts,
                     timers,
                     generation: 0,
                     configured: configured.clone(),
@@ -139,6 +157,8 @@ impl NetworkChain {
             slots,
             connections: HashMap::new(),
             metrics,
+            cluster_client: env.cluster_client.clone(),
+            this: Weak::new(),
         })
     }
 
@@ -209,7 +229,9 @@ impl NetworkChain {
                 connections.insert((index, id), stream.abort.clone());
                 instance.on_new_connection(id, &mut stream.conn)
             });
-            if slot.outcome(result, stream, index, None, metrics)? == Action::Pause {
+            let outcome = slot.outcome(result, stream, index, None, metrics);
+            self.start_callouts(index);
+            if outcome? == Action::Pause {
                 return Ok(false);
             }
         }
@@ -275,11 +297,12 @@ impl NetworkChain {
         upstream: PeerType,
         metrics: &Metrics,
     ) {
-        for (index, slot) in self.slots.iter_mut().enumerate() {
+        for index in 0..self.slots.len() {
             let State::Active { id, generation } = stream.states[index] else {
                 continue;
             };
             self.connections.remove(&(index, id));
+            let slot = &mut self.slots[index];
             if generation != slot.generation {
                 continue;
             }
@@ -292,11 +315,14 @@ impl NetworkChain {
                     instance.on_upstream_connection_close(id, &mut stream.conn, upstream)
                 })
                 .and_then(|()| instance.finish_tcp_context(id, &mut stream.conn));
-            if let Err(error) = result {
-                // The connection is already closed; only the instance pays.
-                metrics.plugin_failures.get_or_create(&slot.labels()).inc();
-                slot.supervisor.on_failure(&error, Instant::now());
-                slot.generation += 1;
+            match result {
+                // Callouts from `on_done` / `on_log` (say, a log shipper's)
+                // still go out; their answers are dropped with the connection.
+                Ok(()) => self.start_callouts(index),
+                Err(error) => {
+                    // The connection is already closed; only the instance pays.
+                    slot.failed(error, metrics);
+                }
             }
         }
     }
@@ -343,7 +369,31 @@ impl NetworkChain {
             Direction::Upstream => instance.on_upstream_data(id, &mut stream.conn, end_of_stream),
         };
         let restore = backup.map(|data| (direction, data));
-        slot.outcome(result, stream, index, restore, metrics)
+        let outcome = slot.outcome(result, stream, index, restore, metrics);
+        self.start_callouts(index);
+        outcome
+    }
+
+    /// Starts the callouts slot `index` queued during its last call.
+    fn start_callouts(&self, index: usize) {
+        let slot = &self.slots[index];
+        let calls = slot.callouts.take();
+        if calls.is_empty() {
+            return;
+        }
+        match &self.cluster_client {
+            Some(client) => callout_runner::start(
+                &self.this,
+                index,
+                slot.supervisor.generation(),
+                calls,
+                client,
+            ),
+            None => tracing::warn!(
+                plugin = slot.supervisor.plugin().name(),
+                "callouts are not available here"
+            ),
+        }
     }
 }
 
@@ -368,12 +418,17 @@ impl Slot {
         self.timers.set_tick_period(period);
     }
 
-    /// A root-context call (`on_tick`, `on_queue_ready`) failed: the failed
-    /// instance is discarded, so every connection it held gets its policy.
-    fn root_call_failed(&mut self, error: wisp_wasm_host::Error, metrics: &Metrics) {
+    /// A call failed: the failed instance is discarded, so every connection
+    /// it held gets its policy, and the calls it queued are dropped.
+    fn failed(&mut self, error: wisp_wasm_host::Error, metrics: &Metrics) -> FailureAction {
         metrics.plugin_failures.get_or_create(&self.labels()).inc();
-        self.supervisor.on_failure(&error, Instant::now());
+        let generation = self.supervisor.generation();
+        let action = self.supervisor.on_failure(&error, Instant::now());
+        if self.supervisor.generation() != generation {
+            self.callouts.clear();
+        }
         self.generation += 1;
+        action
     }
 
     fn labels(&self) -> PluginLabels {
@@ -431,9 +486,7 @@ impl Slot {
                 Ok(action)
             }
             Err(error) => {
-                metrics.plugin_failures.get_or_create(&self.labels()).inc();
-                let action = self.supervisor.on_failure(&error, Instant::now());
-                self.generation += 1;
+                let action = self.failed(error, metrics);
                 if let Some((direction, data)) = restore {
                     match direction {
                         Direction::Downstream => stream.conn.downstream_data = data,
@@ -485,9 +538,12 @@ impl TimedChain for NetworkChain {
         };
         match instance.on_tick() {
             Ok(()) => slot.note_tick_period(),
-            Err(error) => slot.root_call_failed(error, &metrics),
+            Err(error) => {
+                let _ = slot.failed(error, &metrics);
+            }
         }
         self.route_stream_requests(index);
+        self.start_callouts(index);
     }
 
     fn queue_ready(&mut self, index: usize) {
@@ -501,9 +557,55 @@ impl TimedChain for NetworkChain {
         }
         match instance.deliver_queue_ready() {
             Ok(_) => slot.note_tick_period(),
-            Err(error) => slot.root_call_failed(error, &metrics),
+            Err(error) => {
+                let _ = slot.failed(error, &metrics);
+            }
         }
         self.route_stream_requests(index);
+        self.start_callouts(index);
+    }
+}
+
+impl CalloutOwner for NetworkChain {
+    fn callout_queue(&self, index: usize) -> Option<&CalloutQueue> {
+        self.slots.get(index).map(|slot| &*slot.callouts)
+    }
+
+    fn instance_generation(&self, index: usize) -> Option<u64> {
+        self.slots
+            .get(index)
+            .map(|slot| slot.supervisor.generation())
+    }
+
+    /// Delivers to the root context's callback with no stream (a TCP
+    /// connection's buffers exist only inside its data callbacks); the
+    /// plugin switches to the calling connection's context to close it. An
+    /// answer for a connection that closed in the meantime is dropped, as
+    /// Envoy cancels a context's calls when it is destroyed.
+    fn deliver(&mut self, index: usize, token: u32, origin: u32, answer: Answer) {
+        let metrics = self.metrics.clone();
+        let calling_connection_open = self.connections.contains_key(&(index, origin));
+        let slot = &mut self.slots[index];
+        let Some(instance) = slot.supervisor.current_instance() else {
+            return;
+        };
+        if origin != instance.root_context_id() && !calling_connection_open {
+            tracing::debug!(token, "callout answer dropped: its connection is closed");
+            // A gRPC stream of that connection ends here too.
+            slot.callouts.end_stream(token);
+            return;
+        }
+        match answer.deliver_to(instance, token, None) {
+            Ok(()) => {
+                slot.supervisor.on_success();
+                slot.note_tick_period();
+            }
+            Err(error) => {
+                let _ = slot.failed(error, &metrics);
+            }
+        }
+        self.route_stream_requests(index);
+        self.start_callouts(index);
     }
 }
 
@@ -550,11 +652,17 @@ pub struct NetworkFilters {
 impl NetworkFilters {
     /// Takes `chain` into use and starts its timers (on this worker).
     pub fn new(chain: NetworkChain) -> NetworkFilters {
-        let chain = Rc::new(RefCell::new(chain));
-        crate::plugin_timers::start(&chain);
         NetworkFilters {
-            current: RefCell::new(chain),
+            current: RefCell::new(Self::run(chain)),
         }
+    }
+
+    /// Shares `chain` with its timers and callout tasks, and starts the timers.
+    fn run(chain: NetworkChain) -> Rc<RefCell<NetworkChain>> {
+        let chain = Rc::new(RefCell::new(chain));
+        chain.borrow_mut().this = Rc::downgrade(&chain);
+        crate::plugin_timers::start(&chain);
+        chain
     }
 
     pub fn current(&self) -> Rc<RefCell<NetworkChain>> {
@@ -563,8 +671,6 @@ impl NetworkFilters {
 
     /// Swaps in `chain` for new connections and starts its timers.
     pub fn replace(&self, chain: NetworkChain) {
-        let chain = Rc::new(RefCell::new(chain));
-        crate::plugin_timers::start(&chain);
-        *self.current.borrow_mut() = chain;
+        *self.current.borrow_mut() = Self::run(chain);
     }
 }

@@ -1,6 +1,7 @@
 //! A cluster plugins call out to, on loopback, run inside the test
 //! process: `POST /check` answers `checked:<method>:<path>:<body>` (after
-//! 3 s when the body is `slow`), with the trailer `x-answer-trailer: t1`; the gRPC method `/wisp.Check/Allow`
+//! 3 s when the body is `slow`), with the trailer `x-answer-trailer: t1`;
+//! `/deny` answers 403 `denied:<body>`; the gRPC method `/wisp.Check/Allow`
 //! answers the message `allow:<x-md metadata>:<request message>`, and the
 //! stream `/wisp.Check/Stream` answers each message `m` with `echo:m`. Serves
 //! HTTP/1.1 and HTTP/2 (prior knowledge). Stopped on drop.
@@ -148,6 +149,17 @@ async fn backend_answer(
     }
     if &body[..] == b"slow" {
         tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    if path == "/deny" {
+        let mut response = hyper::Response::new(TrailerBody {
+            data: Some(Bytes::from(format!(
+                "denied:{}",
+                String::from_utf8_lossy(&body)
+            ))),
+            trailers: None,
+        });
+        *response.status_mut() = hyper::StatusCode::FORBIDDEN;
+        return Ok(response);
     }
     let answer = format!(
         "checked:{}:{}:{}",

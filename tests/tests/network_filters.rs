@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use wisp_testbed::agent::{Agent, TestDir, metric};
+use wisp_testbed::backend::Backend;
 use wisp_testbed::wat_filters::PREAMBLE;
 use wisp_testbed::{artifacts, http};
 
@@ -771,5 +772,95 @@ fn a_network_filter_closes_a_connection_from_its_tick() {
         ),
         1.0,
         "{metrics}"
+    );
+}
+
+/// The SDK-built filter in `authz:<path>` mode: `on_new_connection` POSTs the
+/// source address to `backend` and pauses; the answer comes back to the
+/// connection's context, which closes the connection unless it was a 200.
+fn authorizing_proxy(listen: u16, admin: u16, upstream: u16, path: &str) -> Agent {
+    let conformance = artifacts::conformance_filter_wasm().unwrap();
+    proxy(
+        listen,
+        admin,
+        upstream,
+        &[
+            "--protocol",
+            "tcp",
+            "--plugin",
+            conformance.to_str().unwrap(),
+            "--root-id",
+            "tcp",
+            "--plugin-kind",
+            "network",
+            "--plugin-config",
+            &format!("authz:{path}"),
+            "--cluster",
+            "backend=127.0.0.1:19336",
+        ],
+    )
+}
+
+#[test]
+fn a_network_filter_authorizes_each_connection_with_an_http_call() {
+    let _backend = Backend::start(19336);
+
+    // Allowed: the answer arrives before the client sends anything, then
+    // the bytes go through the filter as usual.
+    let server = TcpServer::start(19335);
+    let agent = authorizing_proxy(19333, 19334, 19335, "/check");
+    let mut stream = TcpStream::connect(("127.0.0.1", 19333)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let log = wait_for_log(&agent, |log| log.contains("authz 200"));
+    assert!(
+        log.contains("authz 200: checked:POST:/check:127.0.0.1:"),
+        "the filter got the callout's answer: {log}"
+    );
+    stream.write_all(b"ping\n").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    assert_eq!(String::from_utf8_lossy(&reply), "pong<eom><eom>");
+    assert_eq!(server.received(), vec!["[wisp] ping\n[wisp] ".to_owned()]);
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(&metrics, "wisp_tcp_plugin_closes_total", &[]),
+        0.0,
+        "{metrics}"
+    );
+    drop(agent);
+
+    // Denied: the filter closes the connection from the answer's callback;
+    // the upstream was never connected (the filter held the connect back).
+    let server = TcpServer::start(19343);
+    let agent = authorizing_proxy(19337, 19338, 19343, "/deny");
+    let mut stream = TcpStream::connect(("127.0.0.1", 19337)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = Vec::new();
+    let read = stream.read_to_end(&mut reply);
+    assert!(
+        read.is_ok() && reply.is_empty(),
+        "wisp closed the connection without a byte: {read:?} {reply:?}"
+    );
+    let log = wait_for_log(&agent, |log| log.contains("authz 403"));
+    assert!(
+        log.contains("authz 403: denied:127.0.0.1:"),
+        "the filter got the denial: {log}"
+    );
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(&metrics, "wisp_tcp_plugin_closes_total", &[]),
+        1.0,
+        "{metrics}"
+    );
+    drop(agent);
+    assert!(
+        server.received().is_empty(),
+        "the upstream saw no connection: {:?}",
+        server.received()
     );
 }

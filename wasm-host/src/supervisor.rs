@@ -88,6 +88,8 @@ pub struct Supervisor {
     recent_failures: VecDeque<Instant>,
     next_reload: Option<Instant>,
     stopped: bool,
+    /// How many instances were discarded so far.
+    generation: u64,
 }
 
 impl Supervisor {
@@ -103,6 +105,7 @@ impl Supervisor {
             recent_failures: VecDeque::new(),
             next_reload: None,
             stopped: false,
+            generation: 0,
         })
     }
 
@@ -176,6 +179,7 @@ impl Supervisor {
                 .is_some_and(PluginInstance::is_failed)
         {
             self.instance = None;
+            self.generation += 1;
             self.record_failure(now);
         }
         self.failure_action()
@@ -226,6 +230,13 @@ impl Supervisor {
     /// Whether the crash-loop limit stopped reloading.
     pub fn is_stopped(&self) -> bool {
         self.stopped
+    }
+
+    /// Which instance is current: bumped whenever the instance is discarded,
+    /// so whatever an older instance started (a callout) never reaches a
+    /// newer one, whose context ids and tokens mean something else.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// When FAIL_RELOAD will next try to reload, if it is waiting.

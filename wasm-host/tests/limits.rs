@@ -700,7 +700,10 @@ fn fail_reload_backs_off_and_stops_a_crash_loop() {
     let plugin = compile("reload", &module(TRAP_ON_HEADERS), config).unwrap();
     let mut supervisor = Supervisor::new(plugin.clone(), Default::default()).unwrap();
     let t0 = Instant::now();
+    assert_eq!(supervisor.generation(), 0);
     assert_eq!(fail_once(&mut supervisor, t0), FailureAction::Reject);
+    // The trapped instance is gone: what it started must not reach the next.
+    assert_eq!(supervisor.generation(), 1);
     // Within the backoff: no instance, counted.
     assert!(
         supervisor
@@ -712,6 +715,7 @@ fn fail_reload_backs_off_and_stops_a_crash_loop() {
     let t1 = t0 + Duration::from_millis(1500);
     assert_eq!(fail_once(&mut supervisor, t1), FailureAction::Reject);
     assert_eq!(counter(&plugin.counters().reloads), 1);
+    assert_eq!(supervisor.generation(), 2);
     // The second backoff is at least 2 s.
     assert!(
         supervisor

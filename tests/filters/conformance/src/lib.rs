@@ -31,6 +31,13 @@
 //! queue `conformance`; `on_tick` counts ticks in shared data `ticks`;
 //! `on_queue_ready` moves items to shared data `last_item`;
 //! `on_foreign_function` stores its arguments in shared data `foreign_args`.
+//!
+//! In TCP mode, the plugin configuration `authz:<path>` makes every new
+//! connection wait for an authorization callout: `on_new_connection` POSTs
+//! the source address to `<path>` on cluster `backend` and pauses (the
+//! upstream connect waits); the answer is logged as
+//! `tcp #<id> authz <status>: <body>`, and any status but 200 closes the
+//! connection.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -46,7 +53,7 @@ proxy_wasm::main! {{
             .ok()
             .flatten()
             .unwrap_or_default();
-        Box::new(Root { tcp: root_id == b"tcp", queue: 0 })
+        Box::new(Root { tcp: root_id == b"tcp", queue: 0, authz: None })
     });
 }}
 
@@ -68,6 +75,8 @@ fn set_shared(key: &str, value: &[u8]) {
 struct Root {
     tcp: bool,
     queue: u32,
+    /// TCP mode: the path on `backend` that authorizes new connections.
+    authz: Option<String>,
 }
 
 impl Context for Root {
@@ -101,6 +110,9 @@ impl RootContext for Root {
         let text = String::from_utf8_lossy(&config);
         if text == "reject" {
             return false;
+        }
+        if let Some(path) = text.strip_prefix("authz:") {
+            self.authz = Some(path.to_owned());
         }
         if let Ok(millis) = text.trim().parse::<u64>() {
             self.set_tick_period(Duration::from_millis(millis));
@@ -138,7 +150,10 @@ impl RootContext for Root {
     }
 
     fn create_stream_context(&self, context_id: u32) -> Option<Box<dyn StreamContext>> {
-        Some(Box::new(Tcp { context_id }))
+        Some(Box::new(Tcp {
+            context_id,
+            authz: self.authz.clone(),
+        }))
     }
 }
 
@@ -450,12 +465,34 @@ impl HttpContext for Http {
     }
 }
 
-/// Network filter: tags downstream data, counts upstream bytes, records closes.
+/// Network filter: tags downstream data, counts upstream bytes, records
+/// closes; optionally authorizes each connection with a callout.
 struct Tcp {
     context_id: u32,
+    authz: Option<String>,
 }
 
-impl Context for Tcp {}
+impl Context for Tcp {
+    fn on_http_call_response(
+        &mut self,
+        _token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let status = self
+            .get_http_call_response_header(":status")
+            .unwrap_or_else(|| "none".to_owned());
+        let body = self
+            .get_http_call_response_body(0, body_size)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        log::info!("tcp #{} authz {status}: {body}", self.context_id);
+        if status != "200" {
+            self.close_downstream();
+        }
+    }
+}
 
 impl StreamContext for Tcp {
     fn on_new_connection(&mut self) -> Action {
@@ -467,7 +504,27 @@ impl StreamContext for Tcp {
             &format!("tcp_{}_source", self.context_id),
             source.as_bytes(),
         );
-        Action::Continue
+        let Some(path) = self.authz.clone() else {
+            return Action::Continue;
+        };
+        match self.dispatch_http_call(
+            "backend",
+            vec![
+                (":method", "POST"),
+                (":path", &path),
+                (":authority", "backend"),
+            ],
+            Some(source.as_bytes()),
+            vec![],
+            Duration::from_secs(5),
+        ) {
+            Ok(_) => Action::Pause,
+            Err(status) => {
+                log::error!("tcp #{} authz call failed: {status:?}", self.context_id);
+                self.close_downstream();
+                Action::Pause
+            }
+        }
     }
 
     fn on_downstream_data(&mut self, data_size: usize, end_of_stream: bool) -> Action {
