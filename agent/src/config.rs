@@ -533,6 +533,24 @@ impl Config {
                             message,
                         )
                     })?;
+                let known: Vec<&str> = ["outbound", "inbound"]
+                    .into_iter()
+                    .chain(self.listeners.iter().map(|l| l.name.as_str()))
+                    .collect();
+                let names = matcher.value.listeners.iter().flatten();
+                if let Some((j, name)) = names
+                    .enumerate()
+                    .find(|(_, name)| !known.contains(&name.as_str()))
+                {
+                    return Err(invalid(
+                        matcher.referenced.line(),
+                        format!("plugins[{i}].match.listeners[{j}]"),
+                        format!(
+                            "no listener is named {name:?} (listeners: {})",
+                            known.join(", ")
+                        ),
+                    ));
+                }
             }
         }
         for (port, tls) in &self.outbound.upstream_tls {

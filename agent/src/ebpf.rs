@@ -216,6 +216,8 @@ pub struct Dataplane {
     backend_counters: Mutex<PerCpuArray<MapData, u64>>,
     /// (service, backend) of each used slot of the backend array.
     backends: Vec<(String, SocketAddr)>,
+    /// Service names by VIP:port, for plugin matches and `cluster_name`.
+    service_names: std::collections::HashMap<SocketAddr, String>,
     /// Owns the per-namespace sk_lookup links (dropping it detaches them).
     sk_lookup: SkLookup,
     inbound_sockets: SockMap<MapData>,
@@ -384,6 +386,7 @@ impl Dataplane {
             backends_map: source.take(maps::BACKENDS)?,
             backend_counters: Mutex::new(source.take(maps::BACKEND_COUNTERS)?),
             backends: Vec::new(),
+            service_names: std::collections::HashMap::new(),
             sk_lookup: SkLookup::from_pin(pins.program(programs::SK_LOOKUP)).map_err(|source| {
                 EbpfError::Program {
                     name: programs::SK_LOOKUP,
@@ -842,7 +845,13 @@ impl Dataplane {
             first += service.backends.len() as u32;
         }
         self.backends = names;
+        self.service_names = services.iter().map(|s| (s.vip, s.name.clone())).collect();
         Ok(())
+    }
+
+    /// The service whose VIP:port is `addr`.
+    pub fn service_at(&self, addr: SocketAddr) -> Option<&str> {
+        self.service_names.get(&addr).map(String::as_str)
     }
 
     /// Connects the kernel sent to each backend, summed over CPUs.

@@ -63,6 +63,8 @@ pub struct ConnectionInfo {
     pub tls: Option<TlsInfo>,
     pub peer: SocketAddr,
     pub destination: SocketAddr,
+    /// The service whose VIP:port the client connected to, if any.
+    pub destination_service: Option<String>,
     pub source_workload: String,
 }
 
@@ -84,8 +86,14 @@ impl ConnectionInfo {
             ("destination.address", self.destination.to_string()),
             ("destination.port", self.destination.port().to_string()),
             ("source.workload", self.source_workload.clone()),
+            (crate::plugins::LISTENER_PROPERTY, self.listener.clone()),
         ]
         .into_iter()
+        .chain(
+            self.destination_service
+                .clone()
+                .map(|service| (crate::plugins::SERVICE_PROPERTY, service)),
+        )
         .chain(tls)
         .map(|(k, v)| (k.to_owned(), v.into_bytes()))
         .chain(std::iter::once(self.listener_direction()))

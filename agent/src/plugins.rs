@@ -15,14 +15,18 @@
 //! stream contexts when its root id is `"tcp"`, so it is configured with
 //! `kind: network, root_id: tcp`.
 //!
-//! **Match.** `match: {ports, workloads, hosts, paths}`: every condition that
-//! is present must hold, an absent one holds for everything. `ports` are
-//! destination ports, `workloads` source workload names, `hosts` the
-//! request's authority without its port (exact, or `*.suffix` for any name
-//! ending in `.suffix`; case-insensitive), `paths` prefixes of the path
-//! (without the query). A request that does not match skips the plugin: its
-//! HTTP context is not even created. Network filters match on `ports` and
-//! `workloads` only.
+//! **Match.** `match: {listeners, ports, services, workloads, hosts, paths}`:
+//! every condition that is present must hold, an absent one holds for
+//! everything. `listeners` are the names of the listeners that accepted the
+//! connection (`outbound`, `inbound`, or a `listeners[].name`), `ports`
+//! destination ports, `services` the destination service a workload asked
+//! for (its VIP:port, from `services:` or Kubernetes Services: `name`, or
+//! `namespace/name` for every port of a Kubernetes Service), `workloads`
+//! source workload names, `hosts` the request's authority without its port
+//! (exact, or `*.suffix` for any name ending in `.suffix`; case-insensitive),
+//! `paths` prefixes of the path (without the query). A request that does not
+//! match skips the plugin: its HTTP context is not even created. Network
+//! filters match on everything but `hosts` and `paths`.
 
 use serde::{Deserialize, Serialize};
 use wisp_wasm_host::{HttpStream, Plugin};
@@ -53,9 +57,16 @@ impl std::str::FromStr for PluginKind {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginMatch {
+    /// Names of the listeners that accepted the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listeners: Option<Vec<String>>,
     /// Destination ports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<Vec<u16>>,
+    /// Destination services (`services[].name`; for Kubernetes Services
+    /// `namespace/name` or `namespace/name:port-name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<String>>,
     /// Source workload names (`workloads[].name`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workloads: Option<Vec<String>>,
@@ -70,7 +81,10 @@ pub struct PluginMatch {
 /// What a match is checked against.
 #[derive(Clone, Copy, Debug)]
 pub struct Facts<'a> {
+    pub listener: &'a str,
     pub destination_port: u16,
+    /// The service whose VIP:port the workload connected to, if any.
+    pub destination_service: Option<&'a str>,
     pub source_workload: &'a str,
     /// `None` for TCP connections.
     pub authority: Option<&'a [u8]>,
@@ -79,30 +93,49 @@ pub struct Facts<'a> {
 
 impl<'a> Facts<'a> {
     /// The facts of an HTTP request, from what plugins see of it: the
-    /// `destination.port` and `source.workload` properties and the
-    /// `:authority` and `:path` pseudo-headers.
+    /// `wisp.listener`, `destination.port`, `cluster_name` and
+    /// `source.workload` properties and the `:authority` and `:path`
+    /// pseudo-headers.
     pub fn of_request(stream: &'a HttpStream) -> Facts<'a> {
+        let text = |name| {
+            stream
+                .property(name)
+                .and_then(|value| std::str::from_utf8(value).ok())
+        };
         let port = stream
             .property("destination.port")
             .and_then(|p| std::str::from_utf8(p).ok()?.parse().ok())
             .unwrap_or(0);
-        let workload = stream
-            .property("source.workload")
-            .and_then(|w| std::str::from_utf8(w).ok())
-            .unwrap_or("");
         Facts {
+            listener: text(LISTENER_PROPERTY).unwrap_or(""),
             destination_port: port,
-            source_workload: workload,
+            destination_service: text(SERVICE_PROPERTY),
+            source_workload: text("source.workload").unwrap_or(""),
             authority: Some(stream.request_headers.get(":authority").unwrap_or(b"")),
             path: Some(stream.request_headers.get(":path").unwrap_or(b"")),
         }
     }
 }
 
+/// The property that names the listener a connection came in on (wisp's own).
+pub const LISTENER_PROPERTY: &str = "wisp.listener";
+/// The property that names the destination service: Envoy's `cluster_name`,
+/// the upstream cluster, which for wisp is the service asked for.
+pub const SERVICE_PROPERTY: &str = "cluster_name";
+
 impl PluginMatch {
     /// Whether traffic with these facts goes through the plugin. A host or
     /// path condition never holds for a TCP connection (no request).
     pub fn matches(&self, facts: &Facts<'_>) -> bool {
+        let listeners = self
+            .listeners
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == facts.listener));
+        let services = self.services.as_ref().is_none_or(|names| {
+            facts
+                .destination_service
+                .is_some_and(|service| names.iter().any(|n| service_matches(n, service)))
+        });
         let ports = self
             .ports
             .as_ref()
@@ -122,7 +155,7 @@ impl PluginMatch {
                 prefixes.iter().any(|p| path.starts_with(p.as_bytes()))
             })
         });
-        ports && workloads && hosts && paths
+        listeners && ports && services && workloads && hosts && paths
     }
 
     /// Checks the match of `plugins[index]`; errors are `(field, message)`
@@ -134,8 +167,14 @@ impl PluginMatch {
                 "an empty list matches nothing; leave the field out to match everything".into(),
             ))
         };
+        if self.listeners.as_ref().is_some_and(Vec::is_empty) {
+            return empty("listeners");
+        }
         if self.ports.as_ref().is_some_and(Vec::is_empty) {
             return empty("ports");
+        }
+        if self.services.as_ref().is_some_and(Vec::is_empty) {
+            return empty("services");
         }
         if self.workloads.as_ref().is_some_and(Vec::is_empty) {
             return empty("workloads");
@@ -149,10 +188,18 @@ impl PluginMatch {
         if let Some(i) = self.ports.iter().flatten().position(|&p| p == 0) {
             return Err((format!("match.ports[{i}]"), "0 is not a port".into()));
         }
-        // Workload names are not checked against `workloads:`: pods enrolled
-        // later (Kubernetes) are matched by the same names.
-        if let Some(i) = self.workloads.iter().flatten().position(String::is_empty) {
-            return Err((format!("match.workloads[{i}]"), "an empty name".into()));
+        // Workload and service names are not checked against `workloads:`
+        // and `services:`: pods and Services that appear later (Kubernetes)
+        // are matched by the same names. Listener names are checked by the
+        // config, which knows them.
+        for (field, names) in [
+            ("listeners", &self.listeners),
+            ("services", &self.services),
+            ("workloads", &self.workloads),
+        ] {
+            if let Some(i) = names.iter().flatten().position(String::is_empty) {
+                return Err((format!("match.{field}[{i}]"), "an empty name".into()));
+            }
         }
         if kind == PluginKind::Network {
             for field in ["hosts", "paths"] {
@@ -163,7 +210,7 @@ impl PluginMatch {
                 if present {
                     return Err((
                         format!("match.{field}"),
-                        "a network filter sees connections, not requests: only `ports` and `workloads` apply".into(),
+                        "a network filter sees connections, not requests: only `listeners`, `ports`, `services` and `workloads` apply".into(),
                     ));
                 }
             }
@@ -193,6 +240,14 @@ impl PluginMatch {
         }
         Ok(())
     }
+}
+
+/// A service pattern names the service, or a Kubernetes Service without its
+/// port name (`default/reviews` matches `default/reviews:http`).
+fn service_matches(pattern: &str, service: &str) -> bool {
+    service
+        .strip_prefix(pattern)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
 }
 
 /// `pattern` is `name` or `*.suffix`; `authority` may carry a port.
@@ -248,7 +303,9 @@ mod tests {
 
     fn facts<'a>(port: u16, workload: &'a str, authority: &'a str, path: &'a str) -> Facts<'a> {
         Facts {
+            listener: "outbound",
             destination_port: port,
+            destination_service: None,
             source_workload: workload,
             authority: Some(authority.as_bytes()),
             path: Some(path.as_bytes()),
@@ -264,6 +321,7 @@ mod tests {
             workloads: Some(vec!["default/web".into()]),
             hosts: Some(vec!["api.test".into(), "*.svc.test".into()]),
             paths: Some(vec!["/v1/".into()]),
+            ..Default::default()
         };
         assert!(m.matches(&facts(8080, "default/web", "API.test:8080", "/v1/x?q=1")));
         assert!(m.matches(&facts(80, "default/web", "a.b.svc.test", "/v1/")));
@@ -282,12 +340,36 @@ mod tests {
             ..Default::default()
         };
         let tcp = Facts {
+            listener: "outbound",
             destination_port: 5432,
+            destination_service: None,
             source_workload: "a",
             authority: None,
             path: None,
         };
         assert!(!m.matches(&tcp));
+    }
+
+    #[test]
+    fn listeners_and_services_match_by_name() {
+        let m = PluginMatch {
+            listeners: Some(vec!["outbound".into(), "gateway".into()]),
+            services: Some(vec!["db".into(), "default/reviews".into()]),
+            ..Default::default()
+        };
+        let to = |listener, service| Facts {
+            listener,
+            destination_service: service,
+            ..facts(80, "a", "x", "/")
+        };
+        assert!(m.matches(&to("outbound", Some("db"))));
+        assert!(m.matches(&to("gateway", Some("default/reviews:http"))));
+        assert!(m.matches(&to("outbound", Some("default/reviews"))));
+        assert!(!m.matches(&to("inbound", Some("db"))));
+        // No service: a connection to a pod or an address outside services.
+        assert!(!m.matches(&to("outbound", None)));
+        assert!(!m.matches(&to("outbound", Some("dbx"))));
+        assert!(!m.matches(&to("outbound", Some("default/reviews-v2:http"))));
     }
 
     #[test]
@@ -328,5 +410,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(empty.check(PluginKind::Http).unwrap_err().0, "match.ports");
+        let unnamed_service = PluginMatch {
+            services: Some(vec!["db".into(), String::new()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            unnamed_service.check(PluginKind::Network).unwrap_err().0,
+            "match.services[1]"
+        );
+        let network = PluginMatch {
+            listeners: Some(vec!["outbound".into()]),
+            services: Some(vec!["db".into()]),
+            ..Default::default()
+        };
+        assert_eq!(network.check(PluginKind::Network), Ok(()));
     }
 }

@@ -158,7 +158,9 @@ async fn filtered(
     metrics: &Metrics,
 ) -> Transferred {
     let facts = Facts {
+        listener: &conn.listener,
         destination_port: conn.destination.port(),
+        destination_service: conn.destination_service.as_deref(),
         source_workload: &conn.source_workload,
         authority: None,
         path: None,

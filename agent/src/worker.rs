@@ -588,6 +588,7 @@ fn connection_info(
         tls: None,
         peer,
         destination,
+        destination_service: None,
         source_workload,
     };
     match &spec.destination {
@@ -618,10 +619,16 @@ fn connection_info(
                 let workload = dataplane
                     .workload_in_slot(slot)
                     .map_or_else(|| format!("slot-{slot}"), |w| w.name.clone());
-                Some((destination, workload))
+                // An L7 service keeps its VIP for enrolled pods (see
+                // `ebpf::services`), so the destination names the service.
+                let service = dataplane.service_at(destination).map(str::to_owned);
+                Some((destination, workload, service))
             });
             match steered {
-                Some((destination, workload)) => Some(info(destination, workload)),
+                Some((destination, workload, service)) => Some(ConnectionInfo {
+                    destination_service: service,
+                    ..info(destination, workload)
+                }),
                 None => {
                     context.metrics.unsteered_connections.inc();
                     tracing::warn!(%peer, "closing a connection the kernel did not steer: its original destination is unknown");

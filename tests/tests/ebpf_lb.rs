@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use wisp_testbed::agent::{Agent, metric, test_pin_path};
+use wisp_testbed::agent::{Agent, TestDir, metric, test_pin_path};
 use wisp_testbed::node::SimNode;
 use wisp_testbed::sockets::{connect, get_on, http_get, in_netns, peer_of, unmap};
+use wisp_testbed::wat_filters::HEADER_MARKER;
 use wisp_testbed::{artifacts, leftovers};
 
 const LISTEN_PORT: u16 = 15406;
@@ -36,12 +37,19 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
         .collect();
     echoes.push(backends[0].spawn_echo(&echo, 8080).unwrap());
 
+    // Marks the requests it runs on with a header, for `match: services`.
+    let dir = TestDir::new().unwrap();
+    let marker = dir.join("marker.wasm");
+    std::fs::write(&marker, wat::parse_str(HEADER_MARKER).unwrap()).unwrap();
+
     let db_vip: SocketAddr = "10.96.35.10:5432".parse().unwrap();
     let web_vip: SocketAddr = "10.96.35.11:80".parse().unwrap();
     let yaml = format!(
         "outbound:\n  listen: {node_ip}:{LISTEN_PORT}\n  ports:\n    5432: tcp\n\
          admin:\n  listen: {ADMIN}\nworkers: 1\nebpf:\n  pin_path: {pin}\n\
          plugins:\n  - name: header-filter\n    module: {filter}\n    configuration: '{{\"header_value\": \"lb\"}}'\n\
+         \x20 - name: web-only\n    module: {marker}\n    configuration: x-ran-web\n    match:\n      services: [web]\n\
+         \x20 - name: db-only\n    module: {marker}\n    configuration: x-ran-db\n    match:\n      services: [db]\n\
          workloads:\n  - name: a\n    netns: {netns}\n\
          services:\n\
          \x20 - name: db\n    vip: {db_ip}\n    port: 5432\n    backends:\n\
@@ -53,6 +61,7 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
         node_ip = node.node_ip(),
         pin = test_pin_path(LISTEN_PORT).display(),
         filter = artifacts::header_filter_wasm().unwrap().display(),
+        marker = marker.display(),
         netns = a.netns_path().display(),
         db_ip = db_vip.ip(),
         web_ip = web_vip.ip(),
@@ -119,6 +128,10 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
     assert_eq!(reply.header("x-wisp-filter"), Some("lb"), "{reply:?}");
     let seen = reply.echo().unwrap();
     assert_eq!(seen["server"], "b1");
+    // The agent saw the VIP, so it knows the service: `match: services`
+    // selects web's plugin and not db's.
+    assert_eq!(seen["headers"]["x-ran-web"], "1", "{seen}");
+    assert!(seen["headers"].get("x-ran-db").is_none(), "{seen}");
     assert_eq!(
         unmap(seen["peer"].as_str().unwrap()),
         node.node_ip().to_string()
@@ -128,6 +141,15 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
         web_vip,
         "a steered socket's getpeername shows where it connected, not the agent"
     );
+
+    // The same backend asked for directly, not through the service: it is
+    // steered to the agent too, but no service plugin applies.
+    let direct = SocketAddr::from((backends[0].ip, 8080));
+    let reply = http_get(&a.netns_path(), direct, "/direct").unwrap();
+    assert_eq!(reply.status, 200, "{reply:?}\n{}", agent.log());
+    assert_eq!(reply.header("x-wisp-filter"), Some("lb"), "{reply:?}");
+    let seen = reply.echo().unwrap();
+    assert!(seen["headers"].get("x-ran-web").is_none(), "{seen}");
 
     let metrics = agent.metrics().unwrap();
     let connects = |service: &str| {
@@ -147,8 +169,8 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
             "wisp_kernel_connects_redirected_total",
             &[("workload", "a")]
         ),
-        2.0,
-        "only the two web connects went to the agent: {metrics}"
+        3.0,
+        "only the two web connects and the direct one went to the agent: {metrics}"
     );
 
     drop(agent);

@@ -63,6 +63,9 @@ fn plugins_run_only_on_requests_their_match_selects() {
         ),
         // Connections that were not steered come from no known workload.
         plugin("workload", "    match:\n      workloads: [default/web]\n"),
+        plugin("listener", "    match:\n      listeners: [api]\n"),
+        // Fixed-upstream listeners have no destination service.
+        plugin("service", "    match:\n      services: [api]\n"),
     ]
     .concat();
     let yaml = format!(
@@ -78,16 +81,16 @@ fn plugins_run_only_on_requests_their_match_selects() {
 
     assert_eq!(
         ran(19331, "a.svc.test", "/api/v1?x=1"),
-        ["all", "hosts", "paths"]
+        ["all", "hosts", "listener", "paths"]
     );
     assert_eq!(ran(19332, "exact.test", "/other"), ["all", "port"]);
     assert_eq!(
         ran(19331, "exact.test:19331", "/api/x"),
-        ["all", "both", "paths"]
+        ["all", "both", "listener", "paths"]
     );
     // `*.svc.test` is a suffix match on whole labels; `/api/` a prefix of
     // the path, not of the query.
-    assert_eq!(ran(19331, "svc.test", "/x?/api/"), ["all"]);
+    assert_eq!(ran(19331, "svc.test", "/x?/api/"), ["all", "listener"]);
 
     let plugins: serde_json::Value =
         serde_json::from_str(&agent.admin_get("/plugins").unwrap().body).unwrap();
@@ -125,7 +128,7 @@ fn match_mistakes_are_refused_with_line_and_field() {
             format!("{head}    kind: network\n    match:\n      paths: [/]\n"),
             vec![
                 ":8: `plugins[0].match.paths`",
-                "only `ports` and `workloads` apply",
+                "only `listeners`, `ports`, `services` and `workloads` apply",
             ],
         ),
         (
@@ -141,6 +144,17 @@ fn match_mistakes_are_refused_with_line_and_field() {
             vec![":7:", "unknown field `port`"],
         ),
         (format!("{head}    kind: tcp\n"), vec![":6:", "kind", "tcp"]),
+        (
+            format!("{head}    match:\n      listeners: [outbound, gateway]\n"),
+            vec![
+                ":7: `plugins[0].match.listeners[1]`",
+                "no listener is named \"gateway\" (listeners: outbound, inbound)",
+            ],
+        ),
+        (
+            format!("{head}    match:\n      services: [db, '']\n"),
+            vec![":7: `plugins[0].match.services[1]`", "an empty name"],
+        ),
     ];
     for (yaml, expected) in cases {
         let (code, stderr) = check_config(&dir, &yaml);
@@ -156,7 +170,7 @@ fn match_mistakes_are_refused_with_line_and_field() {
     let (code, stderr) = check_config(
         &dir,
         &format!(
-            "{head}    match:\n      ports: [80]\n      workloads: [default/web]\n      hosts: ['*.svc.test']\n      paths: [/api/]\n"
+            "{head}    match:\n      listeners: [outbound]\n      ports: [80]\n      services: [db]\n      workloads: [default/web]\n      hosts: ['*.svc.test']\n      paths: [/api/]\n"
         ),
     );
     assert_eq!(code, Some(0), "{stderr}");

@@ -101,6 +101,11 @@ pub struct TrafficMatch {
     /// Destination ports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
+    /// Destination Services, `namespace/name` (every port) or
+    /// `namespace/name:port-name`; only for Services whose port has L7
+    /// filters, which are the connections the agent sees with their VIP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
     /// Request hosts (`:authority` / `Host`), exact or `*.suffix`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,

@@ -223,9 +223,11 @@ pub fn plugin_spec(selected: &Selected, module: PathBuf) -> PluginSpec {
         // never empty (a plugin that selects no local pod is left out).
         matcher: Some(spanned(PluginMatch {
             ports: non_empty(&spec.match_.ports),
+            services: non_empty(&spec.match_.services),
             workloads: non_empty(&selected.workloads),
             hosts: non_empty(&spec.match_.hosts),
             paths: non_empty(&spec.match_.paths),
+            ..Default::default()
         })),
         isolation: spec.vm_isolation.into(),
         limits: PluginLimits {

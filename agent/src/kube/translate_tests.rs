@@ -197,7 +197,7 @@ fn a_plugin_becomes_a_plugins_entry_with_its_match() {
             "url": "file:///h.wasm", "sha256": "ab", "pluginName": "root",
             "pluginConfig": {"header_value": "k8s"},
             "selector": {"matchLabels": {"app": "web"}},
-            "match": {"ports": [80, 8080], "hosts": ["*.shop.svc"], "paths": ["/api"]},
+            "match": {"ports": [80, 8080], "services": ["shop/cart"], "hosts": ["*.shop.svc"], "paths": ["/api"]},
             "failurePolicy": "FAIL_OPEN", "vmIsolation": "PER_PLUGIN",
             "limits": {"memoryMib": 16, "callbackDeadlineMs": 50},
             "allowedCapabilities": ["proxy_log"],
@@ -239,9 +239,11 @@ fn a_plugin_becomes_a_plugins_entry_with_its_match() {
         p.matcher.as_ref().map(|m| m.value.clone()),
         Some(PluginMatch {
             ports: Some(vec![80, 8080]),
+            services: Some(vec!["shop/cart".into()]),
             workloads: Some(vec!["shop/web-1".into()]),
             hosts: Some(vec!["*.shop.svc".into()]),
             paths: Some(vec!["/api".into()]),
+            ..Default::default()
         })
     );
     // The file's listener stays.
