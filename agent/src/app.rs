@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -19,6 +20,7 @@ use wisp_wasm_host::{FailurePolicy, Plugin, PluginConfig};
 use crate::admin::{self, AdminState};
 use crate::config::{Config, ModulesConfig};
 use crate::ebpf::Dataplane;
+use crate::filter_chain::ChainEnv;
 use crate::listener::{Destination, ListenerSpec, Protocol};
 use crate::metrics::{KernelCounters, Metrics};
 use crate::module_fetch::ModuleFetcher;
@@ -423,7 +425,9 @@ fn serve(
         .enable_all()
         .build()
         .context("building the main runtime")?;
-    runtime.block_on(async move {
+    // The main thread's own tasks (singleton plugins) are not Send.
+    let main_thread = tokio::task::LocalSet::new();
+    runtime.block_on(main_thread.run_until(async move {
         let mut registry = Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
@@ -435,7 +439,16 @@ fn serve(
             plugin_metrics.clone(),
         )));
         let mut http = spec.http;
-        http.plugin_metrics = Some(plugin_metrics);
+        http.plugin_metrics = Some(plugin_metrics.clone());
+        let singleton_env = ChainEnv {
+            clusters: http.clusters.clone(),
+            cluster_client: Some(Rc::new(
+                crate::callout::ClusterClients::new(&http.clusters)
+                    .context("building the singleton plugins' callout clients")?,
+            )),
+            plugin_metrics: Some(plugin_metrics),
+            metrics: Some(metrics.clone()),
+        };
         let listeners = Arc::new(spec.listeners);
         // Listen before steering anything, so a steered connect never meets
         // a closed port.
@@ -447,6 +460,19 @@ fn serve(
             )),
             None => None,
         };
+        // Like the workers' instances, a singleton that cannot start stops
+        // the agent here rather than later.
+        let first_singletons = crate::singletons::Singletons::start(
+            &plugins_rx.borrow(),
+            &singleton_env,
+        )
+        .context("starting the singleton plugins")?;
+        let singletons = tokio::task::spawn_local(crate::singletons::run(
+            first_singletons,
+            plugins_rx.clone(),
+            singleton_env,
+            shutdown_rx.clone(),
+        ));
         let workers = Workers::start(
             spec.workers,
             WorkerContext {
@@ -523,6 +549,7 @@ fn serve(
         tracing::info!(signal = signal_name, drain_timeout = ?spec.drain_timeout, "shutting down: no new connections, draining in-flight ones");
         admin_state.ready.store(false, Ordering::Release);
         let _ = shutdown_tx.send(true);
+        let _ = singletons.await;
         let _ = admin_task.await;
         if let Some(task) = control_task {
             // It holds the dataplane; it ends on the shutdown signal.
@@ -544,7 +571,7 @@ fn serve(
             tracing::info!("stopped");
         }
         Ok(())
-    })
+    }))
 }
 
 /// The client (in-cluster, or KUBECONFIG) and the resolvers of this build.

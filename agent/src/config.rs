@@ -236,7 +236,8 @@ pub struct PluginSpec {
     #[serde(default)]
     pub failure_policy: FailurePolicy,
     /// `http` (default): an HTTP filter, run on requests; `network`: a
-    /// network filter, run on TCP pass-through connections (see `plugins`).
+    /// network filter, run on TCP pass-through connections; `singleton`: one
+    /// instance for the agent, with only a root context (see `plugins`).
     #[serde(default)]
     pub kind: PluginKind,
     /// Which traffic the plugin applies to: `{ports, workloads, hosts,
@@ -520,6 +521,16 @@ impl Config {
                     module.referenced.line(),
                     format!("plugins[{i}].name"),
                     format!("duplicate plugin name {:?}", plugin.name),
+                ));
+            }
+            if plugin.kind == PluginKind::Singleton
+                && plugin.isolation == wisp_wasm_host::IsolationMode::PerRequest
+            {
+                return Err(invalid(
+                    module.referenced.line(),
+                    format!("plugins[{i}].isolation"),
+                    "a singleton plugin has one instance and no requests: per_request does not apply"
+                        .into(),
                 ));
             }
             if let Some(matcher) = &plugin.matcher {

@@ -31,6 +31,7 @@ pub mod plugin_timers;
 pub mod plugins;
 pub mod pod_resolver;
 pub mod reload;
+pub mod singletons;
 pub mod sniff;
 pub mod tcp_proxy;
 pub mod tls;

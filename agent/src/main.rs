@@ -66,8 +66,9 @@ struct ProxyArgs {
     /// Root id of the preceding --plugin.
     #[arg(long = "root-id", value_name = "ID")]
     root_ids: Vec<String>,
-    /// Kind of the preceding --plugin: `http` (default, an HTTP filter) or
-    /// `network` (a network filter, run on TCP pass-through connections).
+    /// Kind of the preceding --plugin: `http` (default, an HTTP filter),
+    /// `network` (a network filter, run on TCP pass-through connections) or
+    /// `singleton` (one instance for the agent, root context only).
     #[arg(long = "plugin-kind", value_name = "KIND")]
     plugin_kinds: Vec<wisp_agent::plugins::PluginKind>,
     /// Failure policy for all plugins: FAIL_CLOSED (default), FAIL_OPEN or FAIL_RELOAD.

@@ -13,7 +13,9 @@
 //! `tcp`, or sniffed as not HTTP). The root id is only the plugin's own
 //! business (`plugin_root_id`): e.g. wisp's conformance test filter creates
 //! stream contexts when its root id is `"tcp"`, so it is configured with
-//! `kind: network, root_id: tcp`.
+//! `kind: network, root_id: tcp`. A third kind, `singleton`, runs one
+//! instance for the whole agent on the main thread and sees no traffic
+//! (see `singletons`).
 //!
 //! **Match.** `match: {listeners, ports, services, workloads, hosts, paths}`:
 //! every condition that is present must hold, an absent one holds for
@@ -40,6 +42,9 @@ pub enum PluginKind {
     Http,
     /// Runs on TCP pass-through connections (`on_new_connection`, data, close).
     Network,
+    /// One instance for the agent, on the main thread, with only a root
+    /// context (ticks, queues, callouts, shared data): see `singletons`.
+    Singleton,
 }
 
 impl std::str::FromStr for PluginKind {
@@ -48,7 +53,8 @@ impl std::str::FromStr for PluginKind {
         match text {
             "http" => Ok(PluginKind::Http),
             "network" => Ok(PluginKind::Network),
-            other => Err(format!("{other:?}: expected http or network")),
+            "singleton" => Ok(PluginKind::Singleton),
+            other => Err(format!("{other:?}: expected http, network or singleton")),
         }
     }
 }
@@ -161,6 +167,12 @@ impl PluginMatch {
     /// Checks the match of `plugins[index]`; errors are `(field, message)`
     /// with the field relative to the plugin entry (`match.hosts[1]`).
     pub fn check(&self, kind: PluginKind) -> Result<(), (String, String)> {
+        if kind == PluginKind::Singleton {
+            return Err((
+                "match".into(),
+                "a singleton plugin sees no traffic: leave `match` out".into(),
+            ));
+        }
         let empty = |field: &str| {
             Err((
                 format!("match.{field}"),
@@ -424,5 +436,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(network.check(PluginKind::Network), Ok(()));
+        // A singleton sees no traffic, so any match is a mistake.
+        assert_eq!(
+            PluginMatch::default()
+                .check(PluginKind::Singleton)
+                .unwrap_err()
+                .0,
+            "match"
+        );
+        assert_eq!("singleton".parse(), Ok(PluginKind::Singleton));
     }
 }

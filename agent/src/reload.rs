@@ -105,6 +105,7 @@ impl Applier {
         // The canary: if these plugins cannot start here, they would not
         // start on any worker either.
         build_chains(&plugins, Default::default())
+            .and_then(|_| crate::singletons::canary(&plugins))
             .map_err(|e| anyhow::anyhow!("canary instance failed: {e}"))?;
         for field in self.current.restart_only_changes(&config) {
             tracing::warn!(field, "changed, but applies only after a restart");
@@ -139,6 +140,7 @@ impl crate::kube::controller::ConfigSink for Applier {
         let compiled =
             compile_local_plugin(&plugin_source(None, 0, plugin)).map_err(|e| format!("{e:#}"))?;
         build_chains(std::slice::from_ref(&compiled), Default::default())
+            .and_then(|_| crate::singletons::canary(std::slice::from_ref(&compiled)))
             .map_err(|e| format!("canary instance failed: {e}"))?;
         self.checked.insert(plugin_key(plugin), compiled);
         Ok(())

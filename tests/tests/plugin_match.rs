@@ -152,6 +152,17 @@ fn match_mistakes_are_refused_with_line_and_field() {
             ],
         ),
         (
+            format!("{head}    kind: singleton\n    match:\n      ports: [80]\n"),
+            vec![
+                ":8: `plugins[0].match`",
+                "a singleton plugin sees no traffic",
+            ],
+        ),
+        (
+            format!("{head}    kind: singleton\n    isolation: per_request\n"),
+            vec!["`plugins[0].isolation`", "per_request does not apply"],
+        ),
+        (
             format!("{head}    match:\n      services: [db, '']\n"),
             vec![":7: `plugins[0].match.services[1]`", "an empty name"],
         ),
