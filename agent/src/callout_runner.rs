@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 
-use wisp_wasm_host::{HeaderMap, HttpCallResponse, HttpStream, PluginInstance};
+use wisp_wasm_host::{HeaderMap, HttpCallResponse, HttpStream, PluginInstance, Supervisor};
 
 use crate::callout::{self, Callout, CalloutQueue, ClusterClients, GrpcOutcome, StreamEvent};
 
@@ -94,17 +94,33 @@ struct Caller {
     generation: u64,
 }
 
-/// Starts each of `calls`, just queued by slot `index`'s instance of
-/// `generation`, as a task on this worker. Called from inside the chain,
-/// while it is borrowed.
-pub fn start<C: CalloutOwner>(
+/// Starts the calls slot `index` queued in `queue` during its last
+/// callback, each as a task on this thread, for `supervisor`'s current
+/// instance. Without a client (the reload canary, which never serves) they
+/// are dropped with a warning. Called from inside the chain, while it is
+/// borrowed.
+pub fn start_queued<C: CalloutOwner>(
     chain: &Weak<RefCell<C>>,
     index: usize,
-    generation: u64,
-    calls: Vec<Callout>,
-    client: &Rc<ClusterClients>,
+    supervisor: &Supervisor,
+    queue: &CalloutQueue,
+    client: Option<&Rc<ClusterClients>>,
 ) {
-    let caller = Caller { index, generation };
+    let calls = queue.take();
+    if calls.is_empty() {
+        return;
+    }
+    let Some(client) = client else {
+        tracing::warn!(
+            plugin = supervisor.plugin().name(),
+            "callouts are not available here"
+        );
+        return;
+    };
+    let caller = Caller {
+        index,
+        generation: supervisor.generation(),
+    };
     for call in calls {
         tokio::task::spawn_local(run(chain.clone(), caller, call, client.clone()));
     }

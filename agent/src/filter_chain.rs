@@ -600,7 +600,6 @@ impl FilterChain {
     /// tick period.
     fn after_call(&mut self, index: usize) {
         let slot = &mut self.slots[index];
-        let callouts = slot.callouts.take();
         let (requests, period) = match slot.supervisor.current_instance() {
             Some(instance) => (instance.take_stream_requests(), instance.tick_period()),
             None => (Vec::new(), None),
@@ -627,15 +626,13 @@ impl FilterChain {
             }
             state.wake_all();
         }
-        if callouts.is_empty() {
-            return;
-        }
-        let Some(client) = self.env.cluster_client.clone() else {
-            tracing::warn!(plugin = %slot.labels.plugin, "callouts are not available here");
-            return;
-        };
-        let generation = slot.supervisor.generation();
-        callout_runner::start(&self.this, index, generation, callouts, &client);
+        callout_runner::start_queued(
+            &self.this,
+            index,
+            &slot.supervisor,
+            &slot.callouts,
+            self.env.cluster_client.as_ref(),
+        );
     }
 }
 

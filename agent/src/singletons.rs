@@ -132,23 +132,13 @@ impl Singletons {
 
     fn start_callouts(&self, index: usize) {
         let slot = &self.slots[index];
-        let calls = slot.callouts.take();
-        if calls.is_empty() {
-            return;
-        }
-        match &self.cluster_client {
-            Some(client) => callout_runner::start(
-                &self.this,
-                index,
-                slot.supervisor.generation(),
-                calls,
-                client,
-            ),
-            None => tracing::warn!(
-                plugin = slot.supervisor.plugin().name(),
-                "callouts are not available here"
-            ),
-        }
+        callout_runner::start_queued(
+            &self.this,
+            index,
+            &slot.supervisor,
+            &slot.callouts,
+            self.cluster_client.as_ref(),
+        );
     }
 }
 
