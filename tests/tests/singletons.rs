@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use wisp_testbed::agent::{Agent, TestDir, metric};
+use wisp_testbed::agent::{Agent, TestDir, metric, test_pin_path};
 use wisp_testbed::artifacts;
 use wisp_testbed::http::curl;
 use wisp_testbed::wat_filters::PREAMBLE;
@@ -186,6 +186,101 @@ fn a_singleton_ticks_once_for_the_agent_and_shares_data_with_the_workers() {
     assert_eq!(
         metric(&metrics, "wisp_wasm_plugin_failures_total", &[]),
         0.0,
+        "{metrics}"
+    );
+}
+
+/// Ticks every 20 ms and sets shared data `from-singleton` to its plugin
+/// configuration: after a reload, the value says which instance ticks.
+fn configured_singleton() -> String {
+    format!(
+        r#"
+(module
+  (import "env" "proxy_set_tick_period_milliseconds" (func $tick (param i32) (result i32)))
+  (import "env" "proxy_get_buffer_bytes" (func $buf (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  {PREAMBLE}
+  (data (i32.const 48) "from-singleton")
+  (global $config (mut i32) (i32.const 0))
+  (global $len (mut i32) (i32.const 0))
+  (func (export "proxy_on_configure") (param i32) (param $size i32) (result i32)
+    (drop (call $buf (i32.const 7) (i32.const 0) (local.get $size) (i32.const 8) (i32.const 12)))
+    (global.set $config (i32.load (i32.const 8)))
+    (global.set $len (i32.load (i32.const 12)))
+    (drop (call $tick (i32.const 20)))
+    (i32.const 1))
+  (func (export "proxy_on_tick") (param i32)
+    (drop (call $set (i32.const 48) (i32.const 14) (global.get $config) (global.get $len) (i32.const 0)))))
+"#
+    )
+}
+
+#[test]
+fn a_reload_replaces_the_singleton_and_the_old_one_stops() {
+    let dir = TestDir::new().unwrap();
+    let singleton = dir.join("configured.wasm");
+    std::fs::write(&singleton, wat::parse_str(configured_singleton()).unwrap()).unwrap();
+    let reader = dir.join("reader.wasm");
+    std::fs::write(&reader, wat::parse_str(shared_data_reader()).unwrap()).unwrap();
+    let _upstream =
+        wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), 19353).unwrap();
+    let config = |value: &str| {
+        format!(
+            "outbound:\n  listen: 0.0.0.0:19355\n  redirect_address: 10.213.69.1\nadmin:\n  listen: 127.0.0.1:19354\nworkers: 2\nebpf:\n  pin_path: {pin}\nplugins:\n  - name: configured\n    module: {singleton}\n    kind: singleton\n    configuration: {value}\n  - name: reader\n    module: {reader}\nlisteners:\n  - name: api\n    listen: 127.0.0.1:19352\n    upstream: 127.0.0.1:19353\n",
+            pin = test_pin_path(19355).display(),
+            singleton = singleton.display(),
+            reader = reader.display(),
+        )
+    };
+    let agent = Agent::start_yaml(
+        &artifacts::wisp_bin().unwrap(),
+        &config("first"),
+        SocketAddr::from(([127, 0, 0, 1], 19354)),
+    )
+    .unwrap();
+    let shared = || -> String {
+        let reply = curl(&["http://127.0.0.1:19352/"]).unwrap();
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let seen = reply.echo().unwrap();
+        seen["headers"]["x-singleton"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let wait_for = |value: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared() != value {
+            assert!(
+                Instant::now() < deadline,
+                "shared data never became {value:?}\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for("first");
+
+    // The agent notices the changed file and reloads.
+    std::fs::write(agent.config_path(), config("second")).unwrap();
+    wait_for("second");
+    // The first instance is gone: were it still ticking, it would write
+    // `first` back within 20 ms. Watch for a few dozen of its periods.
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            shared(),
+            "second",
+            "the old singleton still ticks\n{}",
+            agent.log()
+        );
+    }
+    let metrics = agent.metrics().unwrap();
+    assert!(
+        metric(
+            &metrics,
+            "wisp_config_reloads_total",
+            &[("result", "applied")]
+        ) >= 1.0,
         "{metrics}"
     );
 }
