@@ -241,7 +241,14 @@ impl Controller {
                     NodeOutcome::loaded(node, generation, count)
                 }
                 Err(reason) => {
-                    let reason = match memory.last_good.get(&s.key) {
+                    // A module that cannot be fetched keeps the last good
+                    // one; an invalid spec cannot run at all (its fields
+                    // would go into the node's configuration).
+                    let last_good = match &s.invalid {
+                        None => memory.last_good.get(&s.key),
+                        Some(_) => None,
+                    };
+                    let reason = match last_good {
                         Some(path) => {
                             chain.push((s.clone(), path.clone()));
                             format!("{reason}; the previously loaded version stays in effect")

@@ -40,6 +40,10 @@ pub struct WasmPluginSpec {
     /// all of them.
     #[serde(default, rename = "match")]
     pub match_: TrafficMatch,
+    /// `HTTP` (default): an HTTP filter; `NETWORK`: a network filter on the
+    /// selected pods' TCP pass-through connections (as Istio's `type`).
+    #[serde(default, rename = "type")]
+    pub type_: PluginType,
     /// The module: `file:///path.wasm`, `https://host/path.wasm` or
     /// `oci://registry/repository:tag` (an image as Istio's `WasmPlugin`
     /// and the Wasm OCI image spec store it).
@@ -135,6 +139,22 @@ impl PluginPhase {
             PluginPhase::UnspecifiedPhase => 3,
         }
     }
+}
+
+/// HTTP or network filter (Istio's `PluginType`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+// The variants are the wire names (UNSPECIFIED_PLUGIN_TYPE as Istio).
+#[allow(clippy::enum_variant_names)]
+pub enum PluginType {
+    /// Istio's unset value: an HTTP filter.
+    UnspecifiedPluginType,
+    /// Runs on the requests of HTTP connections.
+    #[default]
+    Http,
+    /// Runs on TCP pass-through connections; `match.hosts` and
+    /// `match.paths` do not apply.
+    Network,
 }
 
 /// wisp's failure policies (Istio's `failStrategy`).

@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 use serde_saphyr::{Location, Spanned};
 
-use super::crd::WasmPlugin;
+use super::crd::{PluginType, WasmPlugin, WasmPluginSpec};
 use super::{DISABLED, ENABLED, NAMESPACE_LABEL, PodInfo, PodNetnsResolver};
 use crate::config::{Config, Located, PluginLimits, PluginSpec, WorkloadSpec};
 use crate::ebpf::services::{BackendSpec, ServiceSpec};
@@ -169,6 +169,14 @@ pub fn select_plugins(
                 })
                 .map(|w| w.name.clone())
                 .collect();
+            // A mistake in one plugin's match is that plugin's status, not
+            // a reason to refuse the node's whole configuration.
+            if invalid.is_none()
+                && let Err((field, message)) =
+                    traffic_match(&plugin.spec, &names).check(plugin_kind(&plugin.spec))
+            {
+                invalid = Some(format!("{field}: {message}"));
+            }
             (!names.is_empty()).then(|| Selected {
                 key: key_of(plugin.as_ref()),
                 plugin: plugin.clone(),
@@ -206,6 +214,27 @@ fn spanned<T>(value: T) -> Spanned<T> {
     Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
 }
 
+fn plugin_kind(spec: &WasmPluginSpec) -> PluginKind {
+    match spec.type_ {
+        PluginType::Network => PluginKind::Network,
+        PluginType::Http | PluginType::UnspecifiedPluginType => PluginKind::Http,
+    }
+}
+
+/// The plugin's `match` for the selected `workloads`. Empty lists of the
+/// CRD mean "any"; the selected workloads are never empty (a plugin that
+/// selects no local pod is left out).
+fn traffic_match(spec: &WasmPluginSpec, workloads: &[String]) -> PluginMatch {
+    PluginMatch {
+        ports: non_empty(&spec.match_.ports),
+        services: non_empty(&spec.match_.services),
+        workloads: non_empty(workloads),
+        hosts: non_empty(&spec.match_.hosts),
+        paths: non_empty(&spec.match_.paths),
+        ..Default::default()
+    }
+}
+
 /// The `plugins[]` entry of a selected plugin whose module is at `module`.
 pub fn plugin_spec(selected: &Selected, module: PathBuf) -> PluginSpec {
     let spec = &selected.plugin.spec;
@@ -218,17 +247,8 @@ pub fn plugin_spec(selected: &Selected, module: PathBuf) -> PluginSpec {
         configuration: plugin_configuration(spec.plugin_config.as_ref()),
         vm_configuration: String::new(),
         failure_policy: spec.failure_policy.into(),
-        kind: PluginKind::Http,
-        // Empty lists of the CRD mean "any"; the selected workloads are
-        // never empty (a plugin that selects no local pod is left out).
-        matcher: Some(spanned(PluginMatch {
-            ports: non_empty(&spec.match_.ports),
-            services: non_empty(&spec.match_.services),
-            workloads: non_empty(&selected.workloads),
-            hosts: non_empty(&spec.match_.hosts),
-            paths: non_empty(&spec.match_.paths),
-            ..Default::default()
-        })),
+        kind: plugin_kind(spec),
+        matcher: Some(spanned(traffic_match(spec, &selected.workloads))),
         isolation: spec.vm_isolation.into(),
         limits: PluginLimits {
             memory_mib: spec.limits.memory_mib,

@@ -254,6 +254,66 @@ fn a_plugin_becomes_a_plugins_entry_with_its_match() {
 }
 
 #[test]
+fn the_plugin_type_picks_http_or_network_filter() {
+    use crate::plugins::PluginKind;
+
+    let mut state = state();
+    state.plugins = vec![
+        plugin(
+            "shop",
+            "a-tcp",
+            json!({"url": "file:///t.wasm", "type": "NETWORK"}),
+        ),
+        plugin(
+            "shop",
+            "b-http",
+            json!({"url": "file:///h.wasm", "type": "HTTP"}),
+        ),
+        plugin("shop", "c-unset", json!({"url": "file:///u.wasm"})),
+    ];
+    let (workloads, _) = local_workloads(&state, "k1", &FakeNetns);
+    let chain: Vec<_> = select_plugins(&state, &workloads, "wisp-system")
+        .into_iter()
+        .map(|s| (s, PathBuf::from("/cache/x.wasm")))
+        .collect();
+    let config = build_config(&base(), &workloads, &chain, services(&state));
+    let kinds: Vec<(&str, PluginKind)> = config
+        .plugins
+        .iter()
+        .map(|p| (p.name.as_str(), p.kind))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("shop/a-tcp", PluginKind::Network),
+            ("shop/b-http", PluginKind::Http),
+            ("shop/c-unset", PluginKind::Http)
+        ]
+    );
+
+    // A network filter cannot match on paths: that plugin is invalid (its
+    // status says why), the others are not.
+    state.plugins.push(plugin(
+        "shop",
+        "d-bad",
+        json!({"url": "file:///d.wasm", "type": "NETWORK", "match": {"paths": ["/x"]}}),
+    ));
+    let selected = select_plugins(&state, &workloads, "wisp-system");
+    let invalid: Vec<(&str, Option<&str>)> = selected
+        .iter()
+        .map(|s| (s.key.as_str(), s.invalid.as_deref()))
+        .collect();
+    assert_eq!(invalid[..3].iter().filter(|(_, i)| i.is_some()).count(), 0);
+    assert_eq!(invalid[3].0, "shop/d-bad");
+    assert!(
+        invalid[3]
+            .1
+            .is_some_and(|reason| reason.starts_with("match.paths: ")),
+        "{invalid:?}"
+    );
+}
+
+#[test]
 fn string_plugin_config_is_passed_as_it_is() {
     assert_eq!(plugin_configuration(Some(&json!("a: b"))), "a: b");
     assert_eq!(plugin_configuration(None), "");
