@@ -26,7 +26,7 @@ pub mod services;
 pub mod steering;
 
 use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -40,7 +40,7 @@ use aya::{Ebpf, EbpfLoader};
 use wisp_common::{
     Backend, ConnKey, MAX_BACKENDS, MAX_POLICY_RULES, MAX_SERVICES, MAX_WORKLOADS, META_BUILD,
     META_CGROUP, OriginalDst, PROG_CONNECT4, PROG_CONNECT6, PROG_SK_MSG, PROG_SOCK_OPS, PolicyRule,
-    ProgramCounters, REDIRECT_V4, REDIRECT_V6, RedirectTarget, SERVICE_L7, SETTING_AGENT_NETNS,
+    ProgramCounters, REDIRECT_V4, REDIRECT_V6, RedirectTarget, SETTING_AGENT_NETNS,
     SETTING_LOG_LEVEL, SETTING_SOCKET_STEERING, Service, ServiceKey, Workload, WorkloadCounters,
     addr_to_words, maps, programs, words_to_addr,
 };
@@ -692,182 +692,6 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Intercepts the inbound connections of every enrolled workload: a
-    /// listener inside each pod's namespace, its addresses in the inbound
-    /// map, and `wisp_sk_lookup` attached to the namespace. The workers
-    /// serve the listeners ([`Dataplane::inbound_listeners`]).
-    pub fn enable_inbound(&mut self) -> Result<(), EbpfError> {
-        let map_err = |name| move |source| EbpfError::Map { name, source };
-        // Pods of an adopted map that may be gone.
-        let old: Vec<[u32; 4]> = self.inbound_pods.keys().filter_map(Result::ok).collect();
-        for k in old {
-            let _ = self.inbound_pods.remove(&k);
-        }
-        let mut listeners = Vec::new();
-        let mut stats = inbound::InboundStats::default();
-        for workload in &self.workloads {
-            let netns_err = |source| EbpfError::Netns {
-                path: workload.netns.clone(),
-                source,
-            };
-            let mut pod = inbound::open_listener(&workload.netns).map_err(netns_err)?;
-            if !self.steers_v6 {
-                // Without outbound.redirect_address_v6 the agent's own IPv6
-                // connections could not be told apart: IPv6 inbound stays off.
-                pod.v6 = None;
-                pod.addrs.retain(IpAddr::is_ipv4);
-            }
-            self.inbound_sockets
-                .set(workload.slot, &pod.v4, 0)
-                .map_err(map_err(maps::INBOUND_SOCKETS))?;
-            if let Some(v6) = &pod.v6 {
-                self.inbound_sockets
-                    .set(MAX_WORKLOADS + workload.slot, v6, 0)
-                    .map_err(map_err(maps::INBOUND_SOCKETS))?;
-            }
-            for addr in &pod.addrs {
-                self.inbound_pods
-                    .insert(addr_to_words(*addr), workload.slot, 0)
-                    .map_err(map_err(maps::INBOUND_PODS))?;
-            }
-            let netns = std::fs::File::open(&workload.netns).map_err(netns_err)?;
-            self.sk_lookup
-                .attach(netns)
-                .map_err(|source| EbpfError::Program {
-                    name: programs::SK_LOOKUP,
-                    source,
-                })?;
-            tracing::info!(
-                workload = %workload.name,
-                addresses = %inbound::describe(&pod.addrs),
-                "inbound connections intercepted"
-            );
-            stats.add(&workload.name, &pod.addrs);
-            let workload = workload.name.clone();
-            listeners.push(inbound::InboundListener {
-                workload: workload.clone(),
-                listener: pod.v4,
-            });
-            if let Some(v6) = pod.v6 {
-                listeners.push(inbound::InboundListener {
-                    workload,
-                    listener: v6,
-                });
-            }
-        }
-        self.inbound_stats = stats;
-        self.inbound_listeners = listeners;
-        Ok(())
-    }
-
-    /// The agent's listeners inside the enrolled pods' namespaces (empty
-    /// unless `inbound.enabled`); every worker accepts on them.
-    pub fn inbound_listeners(&self) -> &[inbound::InboundListener] {
-        &self.inbound_listeners
-    }
-
-    /// Counts an inbound connection to the pod address `destination`; the
-    /// name of the workload it is going to.
-    pub fn inbound_accepted(&self, destination: IpAddr) -> Option<&str> {
-        self.inbound_stats.accepted(destination)
-    }
-
-    /// Inbound connections intercepted per workload.
-    pub fn inbound_counters(&self) -> Vec<(String, u64)> {
-        self.inbound_stats
-            .connections
-            .iter()
-            .map(|(name, n)| (name.clone(), n.load(std::sync::atomic::Ordering::Relaxed)))
-            .collect()
-    }
-
-    /// Replaces the services the kernel balances (and resets their counters).
-    pub fn set_services(&mut self, services: &[ResolvedService]) -> Result<(), EbpfError> {
-        let total: usize = services.iter().map(|s| s.backends.len()).sum();
-        if services.len() > MAX_SERVICES as usize || total > MAX_BACKENDS as usize {
-            return Err(EbpfError::TooManyServices);
-        }
-        let map_err = |name| move |source| EbpfError::Map { name, source };
-        let key = |vip: SocketAddr| ServiceKey {
-            ip: addr_to_words(vip.ip()),
-            port: vip.port(),
-            _pad: 0,
-        };
-        // Services of a previous configuration (adopted maps) go first.
-        let wanted: HashSet<ServiceKey> = services.iter().map(|s| key(s.vip)).collect();
-        let old: Vec<ServiceKey> = self.services_map.keys().filter_map(Result::ok).collect();
-        for k in old.into_iter().filter(|k| !wanted.contains(k)) {
-            let _ = self.services_map.remove(&k);
-        }
-        let cpus = aya::util::nr_cpus().unwrap_or(1);
-        let mut counters = self
-            .backend_counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let mut first = 0u32;
-        let mut names = Vec::new();
-        for service in services {
-            let mut cumulative = 0u32;
-            for (i, (addr, weight)) in service.backends.iter().enumerate() {
-                cumulative += weight;
-                let index = first + i as u32;
-                let backend = Backend {
-                    ip: addr_to_words(addr.ip()),
-                    port: addr.port(),
-                    _pad: 0,
-                    cumulative_weight: cumulative,
-                };
-                self.backends_map
-                    .set(index, backend, 0)
-                    .map_err(map_err(maps::BACKENDS))?;
-                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; cpus]) {
-                    let _ = counters.set(index, zero, 0);
-                }
-                names.push((service.name.clone(), *addr));
-            }
-            let value = Service {
-                first,
-                count: service.backends.len() as u32,
-                total_weight: cumulative,
-                flags: if service.l7 { SERVICE_L7 } else { 0 },
-            };
-            self.services_map
-                .insert(key(service.vip), value, 0)
-                .map_err(map_err(maps::SERVICES))?;
-            tracing::info!(
-                service = %service.name,
-                vip = %service.vip,
-                backends = service.backends.len(),
-                l7 = service.l7,
-                "service balanced at connect time{}",
-                if service.l7 { " (enrolled pods keep the VIP: it goes through the agent)" } else { "" }
-            );
-            first += service.backends.len() as u32;
-        }
-        self.backends = names;
-        self.service_names = services.iter().map(|s| (s.vip, s.name.clone())).collect();
-        Ok(())
-    }
-
-    /// The service whose VIP:port is `addr`.
-    pub fn service_at(&self, addr: SocketAddr) -> Option<&str> {
-        self.service_names.get(&addr).map(String::as_str)
-    }
-
-    /// Connects the kernel sent to each backend, summed over CPUs.
-    pub fn backend_counters(&self) -> Vec<BackendStats> {
-        let connects = per_cpu_sums(&self.backend_counters, self.backends.len());
-        self.backends
-            .iter()
-            .zip(connects)
-            .map(|((service, backend), connects)| BackendStats {
-                service: service.clone(),
-                backend: *backend,
-                connects,
-            })
-            .collect()
-    }
-
     fn zero_counters(&self, slot: u32) {
         let Ok(cpus) = aya::util::nr_cpus() else {
             return;
@@ -876,41 +700,6 @@ impl Dataplane {
             let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
             let _ = counters.set(slot, zero, 0);
         }
-    }
-
-    /// Replaces the kernel's L4 policy with `rules` (first match wins) and
-    /// resets their counters.
-    pub fn set_policy(&mut self, rules: &[ResolvedRule]) -> Result<(), EbpfError> {
-        if rules.len() > MAX_POLICY_RULES as usize {
-            return Err(EbpfError::TooManyRules);
-        }
-        let map_err = |source| EbpfError::Map {
-            name: maps::POLICY,
-            source,
-        };
-        // Write from the end so that the list never has a hole in between.
-        for i in (0..MAX_POLICY_RULES).rev() {
-            let rule = rules
-                .get(i as usize)
-                .map_or_else(PolicyRule::default, ResolvedRule::to_kernel);
-            self.policy_map.set(i, rule, 0).map_err(map_err)?;
-        }
-        if let Ok(cpus) = aya::util::nr_cpus() {
-            let mut counters = self
-                .policy_counters
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            for i in 0..rules.len() as u32 {
-                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; cpus]) {
-                    let _ = counters.set(i, zero, 0);
-                }
-            }
-        }
-        self.rules = rules.iter().map(|r| (r.name.clone(), r.action)).collect();
-        if !rules.is_empty() {
-            tracing::info!(rules = rules.len(), "L4 policy loaded");
-        }
-        Ok(())
     }
 
     pub fn workloads(&self) -> &[EnrolledWorkload] {
@@ -988,20 +777,6 @@ impl Dataplane {
     /// Sockets in the socket-steering sockhash right now.
     pub fn steered_sockets(&self) -> u64 {
         self.steered_sockets.keys().filter(Result::is_ok).count() as u64
-    }
-
-    /// How many connects each policy rule matched.
-    pub fn policy_counters(&self) -> Vec<RuleStats> {
-        let matches = per_cpu_sums(&self.policy_counters, self.rules.len());
-        self.rules
-            .iter()
-            .zip(matches)
-            .map(|((name, action), matches)| RuleStats {
-                name: name.clone(),
-                action: *action,
-                matches,
-            })
-            .collect()
     }
 }
 

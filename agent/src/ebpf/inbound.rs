@@ -21,7 +21,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+use wisp_common::{MAX_WORKLOADS, addr_to_words, maps, programs};
 
+use super::{Dataplane, EbpfError};
 use crate::listener::Protocol;
 
 /// `inbound:` in the agent config.
@@ -118,4 +120,96 @@ pub fn describe(addrs: &[IpAddr]) -> String {
         .map(IpAddr::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Inbound interception as the dataplane does it.
+impl Dataplane {
+    /// Intercepts the inbound connections of every enrolled workload: a
+    /// listener inside each pod's namespace, its addresses in the inbound
+    /// map, and `wisp_sk_lookup` attached to the namespace. The workers
+    /// serve the listeners ([`Dataplane::inbound_listeners`]).
+    pub fn enable_inbound(&mut self) -> Result<(), EbpfError> {
+        let map_err = |name| move |source| EbpfError::Map { name, source };
+        // Pods of an adopted map that may be gone.
+        let old: Vec<[u32; 4]> = self.inbound_pods.keys().filter_map(Result::ok).collect();
+        for k in old {
+            let _ = self.inbound_pods.remove(&k);
+        }
+        let mut listeners = Vec::new();
+        let mut stats = InboundStats::default();
+        for workload in &self.workloads {
+            let netns_err = |source| EbpfError::Netns {
+                path: workload.netns.clone(),
+                source,
+            };
+            let mut pod = open_listener(&workload.netns).map_err(netns_err)?;
+            if !self.steers_v6 {
+                // Without outbound.redirect_address_v6 the agent's own IPv6
+                // connections could not be told apart: IPv6 inbound stays off.
+                pod.v6 = None;
+                pod.addrs.retain(IpAddr::is_ipv4);
+            }
+            self.inbound_sockets
+                .set(workload.slot, &pod.v4, 0)
+                .map_err(map_err(maps::INBOUND_SOCKETS))?;
+            if let Some(v6) = &pod.v6 {
+                self.inbound_sockets
+                    .set(MAX_WORKLOADS + workload.slot, v6, 0)
+                    .map_err(map_err(maps::INBOUND_SOCKETS))?;
+            }
+            for addr in &pod.addrs {
+                self.inbound_pods
+                    .insert(addr_to_words(*addr), workload.slot, 0)
+                    .map_err(map_err(maps::INBOUND_PODS))?;
+            }
+            let netns = std::fs::File::open(&workload.netns).map_err(netns_err)?;
+            self.sk_lookup
+                .attach(netns)
+                .map_err(|source| EbpfError::Program {
+                    name: programs::SK_LOOKUP,
+                    source,
+                })?;
+            tracing::info!(
+                workload = %workload.name,
+                addresses = %describe(&pod.addrs),
+                "inbound connections intercepted"
+            );
+            stats.add(&workload.name, &pod.addrs);
+            let workload = workload.name.clone();
+            listeners.push(InboundListener {
+                workload: workload.clone(),
+                listener: pod.v4,
+            });
+            if let Some(v6) = pod.v6 {
+                listeners.push(InboundListener {
+                    workload,
+                    listener: v6,
+                });
+            }
+        }
+        self.inbound_stats = stats;
+        self.inbound_listeners = listeners;
+        Ok(())
+    }
+
+    /// The agent's listeners inside the enrolled pods' namespaces (empty
+    /// unless `inbound.enabled`); every worker accepts on them.
+    pub fn inbound_listeners(&self) -> &[InboundListener] {
+        &self.inbound_listeners
+    }
+
+    /// Counts an inbound connection to the pod address `destination`; the
+    /// name of the workload it is going to.
+    pub fn inbound_accepted(&self, destination: IpAddr) -> Option<&str> {
+        self.inbound_stats.accepted(destination)
+    }
+
+    /// Inbound connections intercepted per workload.
+    pub fn inbound_counters(&self) -> Vec<(String, u64)> {
+        self.inbound_stats
+            .connections
+            .iter()
+            .map(|(name, n)| (name.clone(), n.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
 }

@@ -6,8 +6,13 @@
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use aya::maps::PerCpuValues;
 use serde::{Deserialize, Serialize};
-use wisp_common::{ANY_WORKLOAD, POLICY_ALLOW, POLICY_DENY, PolicyRule, addr_to_words};
+use wisp_common::{
+    ANY_WORKLOAD, MAX_POLICY_RULES, POLICY_ALLOW, POLICY_DENY, PolicyRule, addr_to_words, maps,
+};
+
+use super::{Dataplane, EbpfError, RuleStats, per_cpu_sums};
 
 /// `allow` or `deny`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
@@ -124,6 +129,58 @@ impl ResolvedRule {
             },
             used: 1,
         }
+    }
+}
+
+/// The L4 policy as the dataplane keeps it.
+impl Dataplane {
+    /// Replaces the kernel's L4 policy with `rules` (first match wins) and
+    /// resets their counters.
+    pub fn set_policy(&mut self, rules: &[ResolvedRule]) -> Result<(), EbpfError> {
+        if rules.len() > MAX_POLICY_RULES as usize {
+            return Err(EbpfError::TooManyRules);
+        }
+        let map_err = |source| EbpfError::Map {
+            name: maps::POLICY,
+            source,
+        };
+        // Write from the end so that the list never has a hole in between.
+        for i in (0..MAX_POLICY_RULES).rev() {
+            let rule = rules
+                .get(i as usize)
+                .map_or_else(PolicyRule::default, ResolvedRule::to_kernel);
+            self.policy_map.set(i, rule, 0).map_err(map_err)?;
+        }
+        if let Ok(cpus) = aya::util::nr_cpus() {
+            let mut counters = self
+                .policy_counters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            for i in 0..rules.len() as u32 {
+                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; cpus]) {
+                    let _ = counters.set(i, zero, 0);
+                }
+            }
+        }
+        self.rules = rules.iter().map(|r| (r.name.clone(), r.action)).collect();
+        if !rules.is_empty() {
+            tracing::info!(rules = rules.len(), "L4 policy loaded");
+        }
+        Ok(())
+    }
+
+    /// How many connects each policy rule matched.
+    pub fn policy_counters(&self) -> Vec<RuleStats> {
+        let matches = per_cpu_sums(&self.policy_counters, self.rules.len());
+        self.rules
+            .iter()
+            .zip(matches)
+            .map(|((name, action), matches)| RuleStats {
+                name: name.clone(),
+                action: *action,
+                matches,
+            })
+            .collect()
     }
 }
 

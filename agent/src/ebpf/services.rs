@@ -8,11 +8,17 @@
 //! VIP is balanced instead — the agent is not enrolled, and every connect that
 //! is not an enrolled pod's is balanced.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
+use aya::maps::PerCpuValues;
 use serde::{Deserialize, Serialize};
-use wisp_common::MAX_BACKENDS_PER_SERVICE;
+use wisp_common::{
+    Backend, MAX_BACKENDS, MAX_BACKENDS_PER_SERVICE, MAX_SERVICES, SERVICE_L7, Service, ServiceKey,
+    addr_to_words, maps,
+};
 
+use super::{BackendStats, Dataplane, EbpfError, per_cpu_sums};
 use crate::config::Located;
 
 /// One service as written in the agent config (`services:`).
@@ -170,5 +176,95 @@ impl ServiceSpec {
                 .collect(),
             l7,
         }
+    }
+}
+
+/// The balanced services as the dataplane keeps them.
+impl Dataplane {
+    /// Replaces the services the kernel balances (and resets their counters).
+    pub fn set_services(&mut self, services: &[ResolvedService]) -> Result<(), EbpfError> {
+        let total: usize = services.iter().map(|s| s.backends.len()).sum();
+        if services.len() > MAX_SERVICES as usize || total > MAX_BACKENDS as usize {
+            return Err(EbpfError::TooManyServices);
+        }
+        let map_err = |name| move |source| EbpfError::Map { name, source };
+        let key = |vip: SocketAddr| ServiceKey {
+            ip: addr_to_words(vip.ip()),
+            port: vip.port(),
+            _pad: 0,
+        };
+        // Services of a previous configuration (adopted maps) go first.
+        let wanted: HashSet<ServiceKey> = services.iter().map(|s| key(s.vip)).collect();
+        let old: Vec<ServiceKey> = self.services_map.keys().filter_map(Result::ok).collect();
+        for k in old.into_iter().filter(|k| !wanted.contains(k)) {
+            let _ = self.services_map.remove(&k);
+        }
+        let cpus = aya::util::nr_cpus().unwrap_or(1);
+        let mut counters = self
+            .backend_counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut first = 0u32;
+        let mut names = Vec::new();
+        for service in services {
+            let mut cumulative = 0u32;
+            for (i, (addr, weight)) in service.backends.iter().enumerate() {
+                cumulative += weight;
+                let index = first + i as u32;
+                let backend = Backend {
+                    ip: addr_to_words(addr.ip()),
+                    port: addr.port(),
+                    _pad: 0,
+                    cumulative_weight: cumulative,
+                };
+                self.backends_map
+                    .set(index, backend, 0)
+                    .map_err(map_err(maps::BACKENDS))?;
+                if let Ok(zero) = PerCpuValues::try_from(vec![0u64; cpus]) {
+                    let _ = counters.set(index, zero, 0);
+                }
+                names.push((service.name.clone(), *addr));
+            }
+            let value = Service {
+                first,
+                count: service.backends.len() as u32,
+                total_weight: cumulative,
+                flags: if service.l7 { SERVICE_L7 } else { 0 },
+            };
+            self.services_map
+                .insert(key(service.vip), value, 0)
+                .map_err(map_err(maps::SERVICES))?;
+            tracing::info!(
+                service = %service.name,
+                vip = %service.vip,
+                backends = service.backends.len(),
+                l7 = service.l7,
+                "service balanced at connect time{}",
+                if service.l7 { " (enrolled pods keep the VIP: it goes through the agent)" } else { "" }
+            );
+            first += service.backends.len() as u32;
+        }
+        self.backends = names;
+        self.service_names = services.iter().map(|s| (s.vip, s.name.clone())).collect();
+        Ok(())
+    }
+
+    /// The service whose VIP:port is `addr`.
+    pub fn service_at(&self, addr: SocketAddr) -> Option<&str> {
+        self.service_names.get(&addr).map(String::as_str)
+    }
+
+    /// Connects the kernel sent to each backend, summed over CPUs.
+    pub fn backend_counters(&self) -> Vec<BackendStats> {
+        let connects = per_cpu_sums(&self.backend_counters, self.backends.len());
+        self.backends
+            .iter()
+            .zip(connects)
+            .map(|((service, backend), connects)| BackendStats {
+                service: service.clone(),
+                backend: *backend,
+                connects,
+            })
+            .collect()
     }
 }
