@@ -21,6 +21,9 @@ pub struct ConnectionFields<'a> {
     pub source_workload: &'a str,
     pub peer: SocketAddr,
     pub destination: SocketAddr,
+    /// The service whose VIP:port the workload connected to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination_service: Option<&'a str>,
     /// `HTTP/1.1`, `HTTP/2` or `tcp`.
     pub protocol: &'a str,
 }
@@ -43,6 +46,7 @@ impl<'a> ConnectionFields<'a> {
             source_workload: &conn.source_workload,
             peer: conn.peer,
             destination: conn.destination,
+            destination_service: conn.destination_service.as_deref(),
             protocol,
         }
     }

@@ -46,7 +46,7 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
     let web_vip: SocketAddr = "10.96.35.11:80".parse().unwrap();
     let yaml = format!(
         "outbound:\n  listen: {node_ip}:{LISTEN_PORT}\n  ports:\n    5432: tcp\n\
-         admin:\n  listen: {ADMIN}\nworkers: 1\nebpf:\n  pin_path: {pin}\n\
+         admin:\n  listen: {ADMIN}\nworkers: 1\nebpf:\n  pin_path: {pin}\naccess_log: {log}\n\
          plugins:\n  - name: header-filter\n    module: {filter}\n    configuration: '{{\"header_value\": \"lb\"}}'\n\
          \x20 - name: web-only\n    module: {marker}\n    configuration: x-ran-web\n    match:\n      services: [web]\n\
          \x20 - name: db-only\n    module: {marker}\n    configuration: x-ran-db\n    match:\n      services: [db]\n\
@@ -62,6 +62,7 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
         pin = test_pin_path(LISTEN_PORT).display(),
         filter = artifacts::header_filter_wasm().unwrap().display(),
         marker = marker.display(),
+        log = dir.join("access.log").display(),
         netns = a.netns_path().display(),
         db_ip = db_vip.ip(),
         web_ip = web_vip.ip(),
@@ -150,6 +151,28 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
     assert_eq!(reply.header("x-wisp-filter"), Some("lb"), "{reply:?}");
     let seen = reply.echo().unwrap();
     assert!(seen["headers"].get("x-ran-web").is_none(), "{seen}");
+
+    // The access log names the service a request asked for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let entries: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+        let entries: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if entries.len() >= 2 || std::time::Instant::now() > deadline {
+            break entries;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let by_path = |path: &str| {
+        entries
+            .iter()
+            .find(|e| e["path"] == path)
+            .unwrap_or_else(|| panic!("no {path} in {entries:?}"))
+    };
+    assert_eq!(by_path("/web")["destination_service"], "web");
+    assert!(by_path("/direct").get("destination_service").is_none());
 
     let metrics = agent.metrics().unwrap();
     let connects = |service: &str| {
