@@ -1139,38 +1139,15 @@ fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap {
     let authority = parts
         .headers
         .get(header::HOST)
-        .map(|h| h.as_bytes().to_vec())
-        .or_else(|| {
-            parts
-                .uri
-                .authority()
-                .map(|a| a.as_str().as_bytes().to_vec())
-        })
+        .map(HeaderValue::as_bytes)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()))
         .unwrap_or_default();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .as_bytes()
-        .to_vec();
-    let mut map: HeaderMap = [
-        (":authority".to_owned(), authority),
-        (":path".to_owned(), path),
-        (
-            ":method".to_owned(),
-            parts.method.as_str().as_bytes().to_vec(),
-        ),
-        (
-            ":scheme".to_owned(),
-            if tls {
-                b"https".to_vec()
-            } else {
-                b"http".to_vec()
-            },
-        ),
-    ]
-    .into_iter()
-    .collect();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut map = HeaderMap::with_capacity(parts.headers.len() + 4);
+    map.add(":authority", authority);
+    map.add(":path", path.as_bytes());
+    map.add(":method", parts.method.as_str().as_bytes());
+    map.add(":scheme", if tls { b"https" } else { b"http" });
     for (name, value) in &parts.headers {
         if name == header::TE {
             // `te: trailers` is end to end in practice (gRPC needs it), as
@@ -1190,8 +1167,8 @@ fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap {
 }
 
 fn response_header_map(status: StatusCode, headers: &http::HeaderMap) -> HeaderMap {
-    let mut map: HeaderMap =
-        std::iter::once((":status".to_owned(), status.as_str().as_bytes().to_vec())).collect();
+    let mut map = HeaderMap::with_capacity(headers.len() + 1);
+    map.add(":status", status.as_str().as_bytes());
     for (name, value) in headers {
         if !HOP_BY_HOP.contains(&name.as_str()) {
             map.add(name.as_str(), value.as_bytes());
@@ -1239,13 +1216,16 @@ fn upstream_request(
             builder = builder.header(header::HOST, host);
         }
     }
+    let mut request = builder.body(body).map_err(|e| e.to_string())?;
+    let out = request.headers_mut();
+    out.reserve(headers.len());
     for (name, value) in headers.iter().filter(|(name, _)| !name.starts_with(':')) {
         let name =
             HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name:?}: {e}"))?;
         let value = HeaderValue::from_bytes(value).map_err(|e| format!("header {name}: {e}"))?;
-        builder = builder.header(name, value);
+        out.append(name, value);
     }
-    builder.body(body).map_err(|e| e.to_string())
+    Ok(request)
 }
 
 /// Builds the downstream response from the headers the filter chain left.
@@ -1257,6 +1237,7 @@ fn build_response(status: StatusCode, headers: &HeaderMap, body: ProxyBody) -> R
         .unwrap_or(status);
     let mut response = Response::new(body);
     *response.status_mut() = status;
+    response.headers_mut().reserve(headers.len());
     for (name, value) in headers.iter().filter(|(name, _)| !name.starts_with(':')) {
         match (
             HeaderName::from_bytes(name.as_bytes()),

@@ -16,6 +16,14 @@ impl HeaderMap {
         Self::default()
     }
 
+    /// An empty map with room for `entries` entries (no regrowth while it
+    /// is filled from a request's headers).
+    pub fn with_capacity(entries: usize) -> Self {
+        Self {
+            entries: Vec::with_capacity(entries),
+        }
+    }
+
     /// The first value of `name`, if present.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
         self.get_all(name).next()
