@@ -195,6 +195,27 @@ fn run_cmd(command: &mut std::process::Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cargo` for the builds xtask runs, without the variables `cargo run` set
+/// for xtask itself. Build scripts that track one of them (ring's tracks
+/// `CARGO_MANIFEST_DIR`) would otherwise re-run, and rebuild everything
+/// above them, each time a build alternates between xtask and a shell.
 fn cargo() -> std::process::Command {
-    std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+    let mut command =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_for_xtask = key.starts_with("CARGO_PKG_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+            );
+        if set_for_xtask {
+            command.env_remove(key);
+        }
+    }
+    command
 }
