@@ -87,6 +87,22 @@ impl From<StreamEvent> for Answer {
     }
 }
 
+/// Reports a failed call to `supervisor`; when that discards the instance,
+/// the calls it queued and its open streams go with it (their answers could
+/// only reach the instance that replaces it). Returns the failure action.
+pub fn fail(
+    supervisor: &mut Supervisor,
+    queue: &CalloutQueue,
+    error: &wisp_wasm_host::Error,
+) -> wisp_wasm_host::FailureAction {
+    let generation = supervisor.generation();
+    let action = supervisor.on_failure(error, std::time::Instant::now());
+    if supervisor.generation() != generation {
+        queue.clear();
+    }
+    action
+}
+
 /// Who made a callout: slot `index`'s instance of this generation.
 #[derive(Clone, Copy, Debug)]
 struct Caller {

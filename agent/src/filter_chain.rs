@@ -30,7 +30,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::Notify;
 use wisp_wasm_host::abi::StreamType;
@@ -61,6 +60,47 @@ pub struct ChainEnv {
     pub cluster_client: Option<Rc<ClusterClients>>,
     pub plugin_metrics: Option<Arc<PluginMetrics>>,
     pub metrics: Option<Arc<Metrics>>,
+}
+
+/// One plugin's instance as a chain slot holds it: under its supervisor,
+/// with its callout queue and timers wired in.
+pub struct SupervisedPlugin {
+    pub supervisor: Supervisor,
+    pub callouts: Arc<CalloutQueue>,
+    pub timers: SlotTimers,
+}
+
+impl ChainEnv {
+    /// Starts `plugin`'s instance for a slot of one of this worker's chains
+    /// (its `on_vm_start` and `on_configure` run here), noting the tick
+    /// period it set.
+    pub fn supervise(&self, plugin: &Plugin) -> Result<SupervisedPlugin, wisp_wasm_host::Error> {
+        let callouts = CalloutQueue::new(self.clusters.clone());
+        let mut timers = SlotTimers::default();
+        let embedder = Embedder {
+            callouts: Some(callouts.clone()),
+            metrics: self.plugin_metrics.as_ref().map(|m| m.sink(plugin.name())),
+            queue_waker: Some(timers.queue_waker()),
+            ..Default::default()
+        };
+        let mut supervisor = Supervisor::new(plugin.clone(), embedder)?;
+        timers.set_tick_period(supervisor.current_instance().and_then(|i| i.tick_period()));
+        Ok(SupervisedPlugin {
+            supervisor,
+            callouts,
+            timers,
+        })
+    }
+
+    /// The worker's metrics, or a private set nobody exports (the reload
+    /// canary and unit tests have no registry).
+    pub fn metrics_or_detached(&self) -> Arc<Metrics> {
+        self.metrics.clone().unwrap_or_else(|| {
+            Arc::new(Metrics::new(
+                &mut prometheus_client::registry::Registry::default(),
+            ))
+        })
+    }
 }
 
 struct Slot {
@@ -219,16 +259,11 @@ impl FilterChain {
     pub fn new(plugins: &[Plugin], env: ChainEnv) -> Result<SharedChain, wisp_wasm_host::Error> {
         let mut slots = Vec::with_capacity(plugins.len());
         for plugin in plugins {
-            let callouts = CalloutQueue::new(env.clusters.clone());
-            let mut timers = SlotTimers::default();
-            let embedder = Embedder {
-                callouts: Some(callouts.clone()),
-                metrics: env.plugin_metrics.as_ref().map(|m| m.sink(plugin.name())),
-                queue_waker: Some(timers.queue_waker()),
-                ..Default::default()
-            };
-            let mut supervisor = Supervisor::new(plugin.clone(), embedder)?;
-            timers.set_tick_period(supervisor.current_instance().and_then(|i| i.tick_period()));
+            let SupervisedPlugin {
+                supervisor,
+                callouts,
+                timers,
+            } = env.supervise(plugin)?;
             slots.push(Slot {
                 supervisor,
                 callouts,
@@ -239,11 +274,7 @@ impl FilterChain {
                 matcher: None,
             });
         }
-        let metrics = env.metrics.clone().unwrap_or_else(|| {
-            Arc::new(Metrics::new(
-                &mut prometheus_client::registry::Registry::default(),
-            ))
-        });
+        let metrics = env.metrics_or_detached();
         Ok(Rc::new_cyclic(|this| {
             RefCell::new(FilterChain {
                 slots,
@@ -722,12 +753,7 @@ impl Slot {
     /// to send, or `None` when the request continues without the plugin.
     fn fail(&mut self, error: wisp_wasm_host::Error, metrics: &Metrics) -> Option<LocalResponse> {
         metrics.plugin_failures.get_or_create(&self.labels).inc();
-        let generation = self.supervisor.generation();
-        let action = self.supervisor.on_failure(&error, Instant::now());
-        if self.supervisor.generation() != generation {
-            // The instance is gone, and so are the calls it queued.
-            self.callouts.clear();
-        }
+        let action = callout_runner::fail(&mut self.supervisor, &self.callouts, &error);
         self.respond(action)
     }
 

@@ -44,17 +44,16 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use wisp_wasm_host::abi::StreamType;
 use wisp_wasm_host::{
-    Action, Embedder, FailureAction, PeerType, StreamRequestKind, Supervisor, TcpConnection,
+    Action, FailureAction, PeerType, StreamRequestKind, Supervisor, TcpConnection,
 };
 
 use crate::callout::{CalloutQueue, ClusterClients};
 use crate::callout_runner::{self, Answer, CalloutOwner};
-use crate::filter_chain::ChainEnv;
+use crate::filter_chain::{ChainEnv, SupervisedPlugin};
 use crate::metrics::{Metrics, PluginLabels};
 use crate::plugin_timers::{SlotTimers, TimedChain};
 use crate::plugins::{ConfiguredPlugin, Facts};
@@ -125,20 +124,14 @@ impl NetworkChain {
         plugins: &[ConfiguredPlugin],
         env: &ChainEnv,
     ) -> Result<NetworkChain, wisp_wasm_host::Error> {
-        let plugin_metrics = env.plugin_metrics.as_ref();
         let slots = plugins
             .iter()
             .map(|configured| {
-                let mut timers = SlotTimers::default();
-                let callouts = CalloutQueue::new(env.clusters.clone());
-                let embedder = Embedder {
-                    callouts: Some(callouts.clone()),
-                    metrics: plugin_metrics.map(|m| m.sink(configured.plugin.name())),
-                    queue_waker: Some(timers.queue_waker()),
-                    ..Default::default()
-                };
-                let mut supervisor = Supervisor::new(configured.plugin.clone(), embedder)?;
-                timers.set_tick_period(supervisor.current_instance().and_then(|i| i.tick_period()));
+                let SupervisedPlugin {
+                    supervisor,
+                    callouts,
+                    timers,
+                } = env.supervise(&configured.plugin)?;
                 Ok(Slot {
                     supervisor,
                     callouts,
@@ -148,11 +141,7 @@ impl NetworkChain {
                 })
             })
             .collect::<Result<_, wisp_wasm_host::Error>>()?;
-        let metrics = env.metrics.clone().unwrap_or_else(|| {
-            Arc::new(Metrics::new(
-                &mut prometheus_client::registry::Registry::default(),
-            ))
-        });
+        let metrics = env.metrics_or_detached();
         Ok(NetworkChain {
             slots,
             connections: HashMap::new(),
@@ -412,11 +401,7 @@ impl Slot {
     /// it held gets its policy, and the calls it queued are dropped.
     fn failed(&mut self, error: wisp_wasm_host::Error, metrics: &Metrics) -> FailureAction {
         metrics.plugin_failures.get_or_create(&self.labels()).inc();
-        let generation = self.supervisor.generation();
-        let action = self.supervisor.on_failure(&error, Instant::now());
-        if self.supervisor.generation() != generation {
-            self.callouts.clear();
-        }
+        let action = callout_runner::fail(&mut self.supervisor, &self.callouts, &error);
         self.generation += 1;
         action
     }

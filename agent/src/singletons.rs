@@ -18,14 +18,13 @@
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::watch;
 use wisp_wasm_host::{Embedder, Supervisor};
 
 use crate::callout::{CalloutQueue, ClusterClients};
 use crate::callout_runner::{self, Answer, CalloutOwner};
-use crate::filter_chain::ChainEnv;
+use crate::filter_chain::{ChainEnv, SupervisedPlugin};
 use crate::metrics::{Metrics, PluginLabels};
 use crate::plugin_timers::{SlotTimers, TimedChain};
 use crate::plugins::{ConfiguredPlugin, PluginKind};
@@ -55,19 +54,11 @@ impl Singletons {
         let slots = crate::plugins::of_kind(plugins, PluginKind::Singleton)
             .iter()
             .map(|configured| {
-                let mut timers = SlotTimers::default();
-                let callouts = CalloutQueue::new(env.clusters.clone());
-                let embedder = Embedder {
-                    callouts: Some(callouts.clone()),
-                    metrics: env
-                        .plugin_metrics
-                        .as_ref()
-                        .map(|m| m.sink(configured.plugin.name())),
-                    queue_waker: Some(timers.queue_waker()),
-                    ..Default::default()
-                };
-                let mut supervisor = Supervisor::new(configured.plugin.clone(), embedder)?;
-                timers.set_tick_period(supervisor.current_instance().and_then(|i| i.tick_period()));
+                let SupervisedPlugin {
+                    supervisor,
+                    callouts,
+                    timers,
+                } = env.supervise(&configured.plugin)?;
                 Ok(Slot {
                     supervisor,
                     callouts,
@@ -75,11 +66,7 @@ impl Singletons {
                 })
             })
             .collect::<Result<Vec<_>, wisp_wasm_host::Error>>()?;
-        let metrics = env.metrics.clone().unwrap_or_else(|| {
-            Arc::new(Metrics::new(
-                &mut prometheus_client::registry::Registry::default(),
-            ))
-        });
+        let metrics = env.metrics_or_detached();
         let singletons = Rc::new(RefCell::new(Singletons {
             slots,
             metrics,
@@ -114,11 +101,7 @@ impl Singletons {
                     plugin: slot.supervisor.plugin().name().to_owned(),
                 };
                 self.metrics.plugin_failures.get_or_create(&labels).inc();
-                let generation = slot.supervisor.generation();
-                slot.supervisor.on_failure(&error, Instant::now());
-                if slot.supervisor.generation() != generation {
-                    slot.callouts.clear();
-                }
+                callout_runner::fail(&mut slot.supervisor, &slot.callouts, &error);
             }
         }
         // Without an instance (discarded, waiting to reload) the period
