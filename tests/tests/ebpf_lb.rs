@@ -11,7 +11,7 @@ use std::time::Duration;
 use wisp_testbed::agent::{Agent, TestDir, metric, test_pin_path};
 use wisp_testbed::node::SimNode;
 use wisp_testbed::sockets::{connect, get_on, http_get, in_netns, peer_of, unmap};
-use wisp_testbed::wat_filters::HEADER_MARKER;
+use wisp_testbed::wat_filters::header_marker;
 use wisp_testbed::{artifacts, leftovers};
 
 const LISTEN_PORT: u16 = 15406;
@@ -40,7 +40,7 @@ fn vip_connects_spread_by_weight_and_getpeername_shows_the_vip() {
     // Marks the requests it runs on with a header, for `match: services`.
     let dir = TestDir::new().unwrap();
     let marker = dir.join("marker.wasm");
-    std::fs::write(&marker, wat::parse_str(HEADER_MARKER).unwrap()).unwrap();
+    std::fs::write(&marker, wat::parse_str(header_marker()).unwrap()).unwrap();
 
     let db_vip: SocketAddr = "10.96.35.10:5432".parse().unwrap();
     let web_vip: SocketAddr = "10.96.35.11:80".parse().unwrap();

@@ -8,24 +8,20 @@ use std::net::SocketAddr;
 
 use wisp_testbed::agent::{Agent, fresh_dir, metric};
 use wisp_testbed::process::ChildGuard;
+use wisp_testbed::wat_filters::PREAMBLE;
 use wisp_testbed::{artifacts, http};
 
 /// A minimal Proxy-Wasm module whose request-headers callback traps.
-const TRAPPING_PLUGIN: &str = r#"
+fn trapping_plugin() -> String {
+    format!(
+        r#"
 (module
-  (memory (export "memory") 1)
-  (global $next (mut i32) (i32.const 1024))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  {PREAMBLE}
   (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) unreachable))
-"#;
+"#
+    )
+}
 
 fn curl(port: u16) -> http::Reply {
     http::curl(&[&format!("http://127.0.0.1:{port}/")]).unwrap()
@@ -39,7 +35,7 @@ fn run(
 ) -> (Agent, ChildGuard, std::path::PathBuf) {
     let dir = fresh_dir().unwrap();
     let wasm = dir.join("trap.wasm");
-    std::fs::write(&wasm, wat::parse_str(TRAPPING_PLUGIN).unwrap()).unwrap();
+    std::fs::write(&wasm, wat::parse_str(trapping_plugin()).unwrap()).unwrap();
     let echo =
         wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), upstream).unwrap();
     let args: Vec<String> = [

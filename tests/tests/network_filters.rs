@@ -292,22 +292,17 @@ const CLOSE_LOGGER: &str = r#"
 "#;
 
 /// A network filter whose downstream-data callback traps.
-const TRAPPING: &str = r#"
+fn trapping() -> String {
+    format!(
+        r#"
 (module
-  (memory (export "memory") 1)
-  (global $next (mut i32) (i32.const 1024))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  {PREAMBLE}
   (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_new_connection") (param i32) (result i32) (i32.const 0))
   (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32) unreachable))
-"#;
+"#
+    )
+}
 
 /// A module compiled from `wat`, in a directory removed when dropped.
 struct WasmFile {
@@ -383,7 +378,7 @@ fn close_events_reach_the_filter_with_who_closed() {
 #[test]
 fn fail_closed_closes_the_connection_and_fail_open_passes_bytes_untouched() {
     let closed_server = TcpServer::start(19384);
-    let trap = wasm_file("trap.wasm", TRAPPING);
+    let trap = wasm_file("trap.wasm", &trapping());
     let closed = proxy(
         19304,
         19394,

@@ -13,7 +13,7 @@ use wisp_testbed::artifacts;
 use wisp_testbed::http::curl;
 use wisp_testbed::process::ChildGuard;
 
-use wisp_testbed::wat_filters::HEADER_MARKER as MARKER;
+use wisp_testbed::wat_filters::header_marker;
 
 fn echo(port: u16) -> ChildGuard {
     wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), port).unwrap()
@@ -43,7 +43,7 @@ fn ran(port: u16, host: &str, path: &str) -> Vec<String> {
 fn plugins_run_only_on_requests_their_match_selects() {
     let dir = TestDir::new().unwrap();
     let marker = dir.join("marker.wasm");
-    std::fs::write(&marker, wat::parse_str(MARKER).unwrap()).unwrap();
+    std::fs::write(&marker, wat::parse_str(header_marker()).unwrap()).unwrap();
     let _api = echo(19373);
     let _other = echo(19374);
     let plugin = |name: &str, matcher: &str| {
@@ -116,7 +116,7 @@ fn check_config(dir: &Path, yaml: &str) -> (Option<i32>, String) {
 #[test]
 fn match_mistakes_are_refused_with_line_and_field() {
     let dir = TestDir::new().unwrap();
-    std::fs::write(dir.join("f.wasm"), wat::parse_str(MARKER).unwrap()).unwrap();
+    std::fs::write(dir.join("f.wasm"), wat::parse_str(header_marker()).unwrap()).unwrap();
     let head =
         "outbound:\n  listen: 10.213.66.1:19339\nplugins:\n  - name: f\n    module: f.wasm\n";
     let cases = [

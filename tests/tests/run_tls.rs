@@ -15,14 +15,17 @@ use wisp_testbed::artifacts;
 use wisp_testbed::http::curl;
 use wisp_testbed::pki::TestPki;
 use wisp_testbed::process::ChildGuard;
+use wisp_testbed::wat_filters::PREAMBLE;
 
 /// An HTTP filter that copies `connection.*` properties into response
 /// headers (`x-tls-version`, `x-mtls`, `x-sni`, `x-peer-sha256`).
-const PROPERTIES_TO_HEADERS: &str = r#"
+fn properties_to_headers() -> String {
+    format!(
+        r#"
 (module
   (import "env" "proxy_get_property" (func $get (param i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
+  {PREAMBLE}
   (data (i32.const 100) "connection\00tls_version")
   (data (i32.const 130) "x-tls-version")
   (data (i32.const 150) "connection\00mtls")
@@ -31,15 +34,6 @@ const PROPERTIES_TO_HEADERS: &str = r#"
   (data (i32.const 220) "x-sni")
   (data (i32.const 230) "connection\00sha256_peer_certificate_digest")
   (data (i32.const 280) "x-peer-sha256")
-  (global $next (mut i32) (i32.const 4096))
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
-    (local $p i32)
-    (local.set $p (global.get $next))
-    (global.set $next (i32.add (global.get $next) (local.get $size)))
-    (local.get $p))
-  (func (export "proxy_on_context_create") (param i32 i32))
-  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
   (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
   (func $copy (param $path i32) (param $path_len i32) (param $name i32) (param $name_len i32)
     (if (i32.eqz (call $get (local.get $path) (local.get $path_len) (i32.const 8) (i32.const 12)))
@@ -52,7 +46,9 @@ const PROPERTIES_TO_HEADERS: &str = r#"
     (call $copy (i32.const 180) (i32.const 32) (i32.const 220) (i32.const 5))
     (call $copy (i32.const 230) (i32.const 41) (i32.const 280) (i32.const 13))
     (i32.const 0)))
-"#;
+"#
+    )
+}
 
 fn echo(port: u16) -> ChildGuard {
     wisp_testbed::echo::spawn_on_loopback(&artifacts::echo_bin().unwrap(), port).unwrap()
@@ -100,7 +96,7 @@ fn a_config_listener_terminates_mtls_with_alpn_and_plugins_see_the_connection() 
     let dir = TestDir::new().unwrap();
     let pki = TestPki::generate(&dir).unwrap();
     let plugin = dir.join("properties.wasm");
-    std::fs::write(&plugin, wat::parse_str(PROPERTIES_TO_HEADERS).unwrap()).unwrap();
+    std::fs::write(&plugin, wat::parse_str(properties_to_headers()).unwrap()).unwrap();
     let _echo = echo(19370);
     let yaml = format!(
         "{}plugins:\n  - name: props\n    module: {}\nlisteners:\n  - name: tls-in\n    listen: 127.0.0.1:19311\n    upstream: 127.0.0.1:19370\n    tls:\n      cert: {}\n      key: {}\n      client_ca: {}\n  - name: h1-only\n    listen: 127.0.0.1:19314\n    upstream: 127.0.0.1:19370\n    tls:\n      cert: {}\n      key: {}\n      alpn: [http/1.1]\n",

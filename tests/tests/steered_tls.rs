@@ -14,7 +14,7 @@ use wisp_testbed::node::SimNode;
 use wisp_testbed::pki::TestPki;
 use wisp_testbed::{artifacts, http};
 
-use wisp_testbed::wat_filters::HEADER_MARKER as MARKER;
+use wisp_testbed::wat_filters::header_marker;
 
 #[test]
 fn a_steered_request_to_a_port_with_upstream_tls_goes_out_over_mtls() {
@@ -44,7 +44,7 @@ fn a_steered_request_to_a_port_with_upstream_tls_goes_out_over_mtls() {
 
     // Adds the request header named by its plugin configuration.
     let marker = dir.join("marker.wasm");
-    std::fs::write(&marker, wat::parse_str(MARKER).unwrap()).unwrap();
+    std::fs::write(&marker, wat::parse_str(header_marker()).unwrap()).unwrap();
     let plugins = format!(
         "plugins:\n  - name: for-a\n    module: {m}\n    configuration: x-ran-for-a\n    match:\n      workloads: [a]\n  - name: for-b\n    module: {m}\n    configuration: x-ran-for-b\n    match:\n      workloads: [b]\n",
         m = marker.display()
