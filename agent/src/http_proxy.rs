@@ -29,6 +29,10 @@ use crate::body::{BodySender, ChannelBody};
 use crate::filter_chain::{
     BodyStep, Direction, FilterChain, Resume, SharedChain, Step, StreamState,
 };
+use crate::header_conversion::{
+    build_response, request_header_map, response_header_map, to_http_map, to_wasm_map,
+    upstream_request,
+};
 use crate::metrics::{Metrics, PluginLabels, RequestLabels};
 use crate::tls::TlsInfo;
 use crate::upstream::{LocalExec, UpstreamError, Upstreams};
@@ -41,18 +45,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head accepted (hyper answers 431 past it, as Envoy's
 /// 60 KiB `max_request_headers_kb` default does).
 pub const MAX_HEADER_BYTES: usize = 60 * 1024;
-
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Where one accepted connection came from and is going.
 pub struct ConnectionInfo {
@@ -845,16 +837,23 @@ impl LengthFix {
             }
             LengthFix::Set(length, _) => {
                 let declared = headers.get("content-length");
-                let length = length.to_string();
-                if declared.is_none_or(|declared| declared == length.as_bytes()) {
+                if declared.is_none_or(|declared| declares(declared, *length)) {
                     return Cow::Borrowed(headers);
                 }
                 let mut headers = headers.clone();
-                headers.replace("content-length", length.as_bytes());
+                headers.replace("content-length", length.to_string().as_bytes());
                 Cow::Owned(headers)
             }
         }
     }
+}
+
+/// Whether a `content-length` value is exactly `length` in canonical form
+/// (no sign, no leading zeros), without formatting `length`.
+fn declares(declared: &[u8], length: usize) -> bool {
+    declared.iter().all(u8::is_ascii_digit)
+        && (declared == b"0" || declared.first() != Some(&b'0'))
+        && std::str::from_utf8(declared).is_ok_and(|d| d.parse() == Ok(length))
 }
 
 /// Envoy's answer when the plugins buffered more of a request than allowed.
@@ -1109,152 +1108,6 @@ async fn forward(
     })
 }
 
-/// http trailers as the plugins see them.
-fn to_wasm_map(map: &http::HeaderMap) -> HeaderMap {
-    map.iter()
-        .map(|(name, value)| (name.as_str().to_owned(), value.as_bytes().to_vec()))
-        .collect()
-}
-
-/// The plugins' trailers as http trailers; invalid ones are dropped.
-fn to_http_map(map: &HeaderMap) -> http::HeaderMap {
-    let mut out = http::HeaderMap::new();
-    for (name, value) in map.iter() {
-        match (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
-        ) {
-            (Ok(name), Ok(value)) => {
-                out.append(name, value);
-            }
-            _ => tracing::warn!(trailer = name, "dropping a trailer that is not valid HTTP"),
-        }
-    }
-    out
-}
-
-/// The request headers as Proxy-Wasm plugins see them in Envoy: pseudo-headers
-/// first, `host` folded into `:authority`, hop-by-hop headers dropped.
-fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap {
-    let authority = parts
-        .headers
-        .get(header::HOST)
-        .map(HeaderValue::as_bytes)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()))
-        .unwrap_or_default();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut map = HeaderMap::with_capacity(parts.headers.len() + 4);
-    map.add(":authority", authority);
-    map.add(":path", path.as_bytes());
-    map.add(":method", parts.method.as_str().as_bytes());
-    map.add(":scheme", if tls { b"https" } else { b"http" });
-    for (name, value) in &parts.headers {
-        if name == header::TE {
-            // `te: trailers` is end to end in practice (gRPC needs it), as
-            // Envoy keeps it; other TE values describe this hop only.
-            if value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|v| v.trim_ascii() == b"trailers")
-            {
-                map.add("te", b"trailers");
-            }
-        } else if name != header::HOST && !HOP_BY_HOP.contains(&name.as_str()) {
-            map.add(name.as_str(), value.as_bytes());
-        }
-    }
-    map
-}
-
-fn response_header_map(status: StatusCode, headers: &http::HeaderMap) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(headers.len() + 1);
-    map.add(":status", status.as_str().as_bytes());
-    for (name, value) in headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
-            map.add(name.as_str(), value.as_bytes());
-        }
-    }
-    map
-}
-
-/// Builds the upstream request from the headers the filter chain left,
-/// for `destination` in the downstream's HTTP version.
-fn upstream_request(
-    headers: &HeaderMap,
-    destination: SocketAddr,
-    version: Version,
-    body: ChannelBody,
-) -> Result<Request<ChannelBody>, String> {
-    let pseudo = |name: &str| {
-        headers
-            .get(name)
-            .ok_or_else(|| format!("the request lost its {name} pseudo-header"))
-    };
-    let method =
-        http::Method::from_bytes(pseudo(":method")?).map_err(|e| format!(":method: {e}"))?;
-    let path = std::str::from_utf8(pseudo(":path")?).map_err(|e| format!(":path: {e}"))?;
-    if !path.starts_with('/') && path != "*" {
-        return Err(format!(":path {path:?} is not an origin-form path"));
-    }
-    let authority =
-        std::str::from_utf8(pseudo(":authority")?).map_err(|e| format!(":authority: {e}"))?;
-    let mut builder = Request::builder().method(method).version(version);
-    if version == Version::HTTP_2 {
-        // HTTP/2 carries the authority in the URI (:authority); the
-        // connection itself goes to `destination` (see upstream.rs).
-        let authority = if authority.is_empty() {
-            destination.to_string()
-        } else {
-            authority.to_owned()
-        };
-        builder = builder.uri(format!("http://{authority}{path}"));
-    } else {
-        // HTTP/1.1: origin form; the authority travels as Host.
-        builder = builder.uri(path);
-        if !authority.is_empty() {
-            let host = HeaderValue::from_str(authority).map_err(|e| format!(":authority: {e}"))?;
-            builder = builder.header(header::HOST, host);
-        }
-    }
-    let mut request = builder.body(body).map_err(|e| e.to_string())?;
-    let out = request.headers_mut();
-    out.reserve(headers.len());
-    for (name, value) in headers.iter().filter(|(name, _)| !name.starts_with(':')) {
-        let name =
-            HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header {name:?}: {e}"))?;
-        let value = HeaderValue::from_bytes(value).map_err(|e| format!("header {name}: {e}"))?;
-        out.append(name, value);
-    }
-    Ok(request)
-}
-
-/// Builds the downstream response from the headers the filter chain left.
-fn build_response(status: StatusCode, headers: &HeaderMap, body: ProxyBody) -> Response<ProxyBody> {
-    let status = headers
-        .get(":status")
-        .and_then(|s| std::str::from_utf8(s).ok()?.parse::<u16>().ok())
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .unwrap_or(status);
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    response.headers_mut().reserve(headers.len());
-    for (name, value) in headers.iter().filter(|(name, _)| !name.starts_with(':')) {
-        match (
-            HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_bytes(value),
-        ) {
-            (Ok(name), Ok(value)) => {
-                response.headers_mut().append(name, value);
-            }
-            _ => tracing::warn!(
-                header = name,
-                "dropping a response header that is not valid HTTP"
-            ),
-        }
-    }
-    response
-}
-
 fn local_response_parts(local: LocalResponse) -> (StatusCode, http::HeaderMap, Bytes) {
     let status = StatusCode::from_u16(local.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut headers = http::HeaderMap::new();
@@ -1280,5 +1133,19 @@ fn local_reply(status: u16, details: &str, body: &str) -> LocalResponse {
         body: format!("{body}\n").into_bytes(),
         headers: Vec::new(),
         grpc_status: -1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::declares;
+
+    #[test]
+    fn only_the_canonical_form_declares_a_length() {
+        assert!(declares(b"17", 17));
+        assert!(declares(b"0", 0));
+        for other in [&b"18"[..], b"017", b"+17", b" 17", b"", b"1e1"] {
+            assert!(!declares(other, 17), "{:?}", String::from_utf8_lossy(other));
+        }
     }
 }

@@ -19,6 +19,7 @@ pub mod callout_runner;
 pub mod config;
 pub mod ebpf;
 pub mod filter_chain;
+pub mod header_conversion;
 pub mod heap;
 pub mod http_proxy;
 pub mod kube;

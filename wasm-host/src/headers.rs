@@ -1,27 +1,88 @@
 //! [`HeaderMap`]: the ordered header multimap plugins read and write.
 
+use std::fmt;
+use std::ops::Range;
+
 /// An ordered HTTP header multimap, as a Proxy-Wasm plugin sees it.
 ///
 /// Names are stored lower-case (HTTP/2 style; Envoy lower-cases every name a
 /// plugin passes) and looked up ASCII case-insensitively; values are raw bytes.
 /// Pseudo-headers (`:method`, `:path`, `:authority`, `:scheme`, `:status`) are
 /// ordinary entries, as in Envoy.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Every request builds a few of these, so the entries are packed: all names
+/// in one string, all values in one buffer, and per entry only their ranges
+/// — three allocations for a map instead of two per header. What `replace`
+/// and `remove` drop stays in the buffers until it outweighs the rest.
+#[derive(Clone, Default)]
 pub struct HeaderMap {
-    entries: Vec<(String, Vec<u8>)>,
+    names: String,
+    values: Vec<u8>,
+    entries: Vec<Entry>,
+    /// Bytes of `names` and `values` that entries still point to.
+    live: usize,
 }
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    name: Span,
+    value: Span,
+}
+
+/// A range in one of the buffers; `u32` keeps an entry at 16 bytes.
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+impl Span {
+    fn range(self) -> Range<usize> {
+        self.start as usize..self.start as usize + self.len as usize
+    }
+}
+
+/// The span of `len` bytes at `start`. A header map past 4 GiB is far
+/// beyond any limit the agent enforces (headers are capped at 60 KiB, plugin
+/// writes by the guest's 4 GiB memory).
+fn span(start: usize, len: usize) -> Span {
+    Span {
+        start: u32::try_from(start).expect("header map under 4 GiB"),
+        len: u32::try_from(len).expect("header under 4 GiB"),
+    }
+}
+
+/// Below this much dead space the buffers are never compacted.
+const COMPACT_SLACK: usize = 1024;
 
 impl HeaderMap {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// An empty map with room for `entries` entries (no regrowth while it
-    /// is filled from a request's headers).
+    /// An empty map with room for `entries` entries (no regrowth of the
+    /// entry list while it is filled from a request's headers).
     pub fn with_capacity(entries: usize) -> Self {
         Self {
+            names: String::with_capacity(entries * 16),
+            values: Vec::with_capacity(entries * 32),
             entries: Vec::with_capacity(entries),
+            live: 0,
         }
+    }
+
+    fn name_of(&self, entry: &Entry) -> &str {
+        &self.names[entry.name.range()]
+    }
+
+    fn value_of(&self, entry: &Entry) -> &[u8] {
+        &self.values[entry.value.range()]
+    }
+
+    fn position(&self, name: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| self.name_of(e).eq_ignore_ascii_case(name))
     }
 
     /// The first value of `name`, if present.
@@ -33,48 +94,107 @@ impl HeaderMap {
     pub fn get_all<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a [u8]> {
         self.entries
             .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .filter(move |e| self.name_of(e).eq_ignore_ascii_case(name))
+            .map(|e| self.value_of(e))
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.get(name).is_some()
+        self.position(name).is_some()
     }
 
     /// Appends a value, keeping any existing ones (`proxy_add_header_map_value`).
     pub fn add(&mut self, name: &str, value: &[u8]) {
-        self.entries
-            .push((name.to_ascii_lowercase(), value.to_vec()));
+        let name_span = span(self.names.len(), name.len());
+        self.names.push_str(name);
+        self.names[name_span.range()].make_ascii_lowercase();
+        let value_span = span(self.values.len(), value.len());
+        self.values.extend_from_slice(value);
+        self.live += name.len() + value.len();
+        self.entries.push(Entry {
+            name: name_span,
+            value: value_span,
+        });
     }
 
     /// Sets `name` to exactly one value: the first existing entry is updated in
     /// place and the others are dropped; if there is none, the value is appended
     /// (`proxy_replace_header_map_value` is add-or-replace).
     pub fn replace(&mut self, name: &str, value: &[u8]) {
-        let Some(first) = self
-            .entries
-            .iter()
-            .position(|(n, _)| n.eq_ignore_ascii_case(name))
-        else {
+        let Some(first) = self.position(name) else {
             return self.add(name, value);
         };
-        self.entries[first].1 = value.to_vec();
+        let old = self.entries[first].value;
+        self.live = self.live - old.len as usize + value.len();
+        if value.len() <= old.len as usize {
+            // Fits where the old value was.
+            let start = old.start as usize;
+            self.values[start..start + value.len()].copy_from_slice(value);
+            self.entries[first].value.len = value.len() as u32;
+        } else {
+            self.entries[first].value = span(self.values.len(), value.len());
+            self.values.extend_from_slice(value);
+        }
         let mut index = 0;
-        self.entries.retain(|(n, _)| {
-            let keep = index <= first || !n.eq_ignore_ascii_case(name);
+        let mut dropped = 0;
+        let names = &self.names;
+        self.entries.retain(|e| {
+            let keep = index <= first || !names[e.name.range()].eq_ignore_ascii_case(name);
+            if !keep {
+                dropped += e.name.len as usize + e.value.len as usize;
+            }
             index += 1;
             keep
         });
+        self.live -= dropped;
+        self.compact_if_sparse();
     }
 
     /// Removes every value of `name`; absent names are fine.
     pub fn remove(&mut self, name: &str) {
-        self.entries.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        let mut dropped = 0;
+        let names = &self.names;
+        self.entries.retain(|e| {
+            let keep = !names[e.name.range()].eq_ignore_ascii_case(name);
+            if !keep {
+                dropped += e.name.len as usize + e.value.len as usize;
+            }
+            keep
+        });
+        self.live -= dropped;
+        self.compact_if_sparse();
+    }
+
+    /// Rewrites the buffers without what no entry points to any more, once
+    /// that is more than the rest (a plugin replacing a header in a loop
+    /// must not grow the map without bound).
+    fn compact_if_sparse(&mut self) {
+        let dead = self.names.len() + self.values.len() - self.live;
+        if dead <= COMPACT_SLACK || dead <= self.live {
+            return;
+        }
+        let mut compacted = HeaderMap::with_capacity(self.entries.len());
+        for (name, value) in self.iter() {
+            compacted.add(name, value);
+        }
+        *self = compacted;
     }
 
     /// All entries in order, names lower-case.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> + Clone {
-        self.entries.iter().map(|(n, v)| (n.as_str(), v.as_slice()))
+        self.entries
+            .iter()
+            .map(|e| (self.name_of(e), self.value_of(e)))
+    }
+
+    /// The buffer all values are stored in, and every entry's name with its
+    /// value's range in that buffer, in order. Lets a caller copy all values
+    /// at once and hand out slices of the copy instead of copying each.
+    pub fn packed_values(&self) -> (&[u8], impl Iterator<Item = (&str, Range<usize>)>) {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| (self.name_of(e), e.value.range()));
+        (&self.values, entries)
     }
 
     /// Number of entries (a name with two values counts twice).
@@ -88,28 +208,51 @@ impl HeaderMap {
 
     /// Drops every entry.
     pub fn clear(&mut self) {
+        self.names.clear();
+        self.values.clear();
         self.entries.clear();
+        self.live = 0;
+    }
+}
+
+/// Two maps are equal when they hold the same entries in the same order,
+/// whatever their buffers hold besides.
+impl PartialEq for HeaderMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for HeaderMap {}
+
+impl fmt::Debug for HeaderMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.iter()
+                    .map(|(name, value)| (name, String::from_utf8_lossy(value))),
+            )
+            .finish()
     }
 }
 
 impl FromIterator<(String, Vec<u8>)> for HeaderMap {
     fn from_iter<I: IntoIterator<Item = (String, Vec<u8>)>>(iter: I) -> Self {
-        let entries = iter
-            .into_iter()
-            .map(|(mut name, value)| {
-                name.make_ascii_lowercase();
-                (name, value)
-            })
-            .collect();
-        Self { entries }
+        let mut map = HeaderMap::new();
+        for (name, value) in iter {
+            map.add(&name, &value);
+        }
+        map
     }
 }
 
 impl<'a> FromIterator<(&'a str, &'a str)> for HeaderMap {
     fn from_iter<I: IntoIterator<Item = (&'a str, &'a str)>>(iter: I) -> Self {
-        iter.into_iter()
-            .map(|(n, v)| (n.to_owned(), v.as_bytes().to_vec()))
-            .collect()
+        let mut map = HeaderMap::new();
+        for (name, value) in iter {
+            map.add(name, value.as_bytes());
+        }
+        map
     }
 }
 
@@ -168,5 +311,68 @@ mod tests {
         map.remove("b");
         assert!(map.is_empty());
         assert_eq!(map.get("b"), None);
+    }
+
+    #[test]
+    fn replacing_in_a_loop_keeps_the_buffers_bounded() {
+        let mut map: HeaderMap = [("a", "1"), ("b", "2")].into_iter().collect();
+        for i in 0..10_000 {
+            // Growing values cannot be written in place.
+            map.replace("a", format!("{i:0>64}-{}", "x".repeat(i % 7)).as_bytes());
+        }
+        let last = format!("{:0>64}-{}", 9_999, "x".repeat(9_999 % 7));
+        assert_eq!(entries(&map), [("a", last.as_str()), ("b", "2")]);
+        assert!(
+            map.names.len() + map.values.len() < 4 * COMPACT_SLACK,
+            "buffers hold {} + {} bytes",
+            map.names.len(),
+            map.values.len()
+        );
+    }
+
+    #[test]
+    fn a_shorter_value_is_written_in_place() {
+        let mut map: HeaderMap = [("a", "long value"), ("b", "2")].into_iter().collect();
+        let before = map.values.len();
+        map.replace("a", b"short");
+        assert_eq!(map.values.len(), before);
+        assert_eq!(entries(&map), [("a", "short"), ("b", "2")]);
+        map.replace("a", b"");
+        assert_eq!(map.get("a"), Some(&b""[..]));
+    }
+
+    #[test]
+    fn equality_ignores_what_the_buffers_hold_besides_the_entries() {
+        let mut edited: HeaderMap = [("a", "1"), ("x", "gone"), ("b", "2")]
+            .into_iter()
+            .collect();
+        edited.remove("x");
+        edited.replace("b", b"2");
+        let fresh: HeaderMap = [("a", "1"), ("b", "2")].into_iter().collect();
+        assert_eq!(edited, fresh);
+        assert_ne!(edited, [("b", "2"), ("a", "1")].into_iter().collect());
+        assert_eq!(format!("{fresh:?}"), r#"{"a": "1", "b": "2"}"#);
+    }
+
+    #[test]
+    fn packed_values_locate_every_value_in_one_buffer() {
+        let mut map: HeaderMap = [("a", "1"), ("b", "22"), ("c", "333")]
+            .into_iter()
+            .collect();
+        map.remove("b");
+        let (buffer, entries) = map.packed_values();
+        let found: Vec<(&str, &[u8])> = entries
+            .map(|(name, range)| (name, &buffer[range]))
+            .collect();
+        assert_eq!(found, [("a", &b"1"[..]), ("c", b"333")]);
+    }
+
+    #[test]
+    fn clear_empties_the_buffers() {
+        let mut map: HeaderMap = [("a", "1")].into_iter().collect();
+        map.clear();
+        assert!(map.is_empty());
+        map.add("B", b"2");
+        assert_eq!(entries(&map), [("b", "2")]);
     }
 }

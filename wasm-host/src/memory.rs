@@ -33,15 +33,21 @@ pub(crate) fn read<G: HostContext>(
     ptr: i32,
     len: i32,
 ) -> Result<Vec<u8>, GuestError<G::Trap>> {
+    borrow(g, ptr, len).map(<[u8]>::to_vec)
+}
+
+/// The `len` bytes at `ptr` in guest memory, borrowed (no copy).
+pub(crate) fn borrow<G: HostContext>(
+    g: &G,
+    ptr: i32,
+    len: i32,
+) -> Result<&[u8], GuestError<G::Trap>> {
     let range = range(ptr, len as u32 as usize).ok_or(GuestError::OutOfBounds)?;
-    g.memory()
-        .get(range)
-        .map(<[u8]>::to_vec)
-        .ok_or(GuestError::OutOfBounds)
+    g.memory().get(range).ok_or(GuestError::OutOfBounds)
 }
 
 pub(crate) fn read_u32<G: HostContext>(g: &G, ptr: i32) -> Result<u32, GuestError<G::Trap>> {
-    let bytes = read(g, ptr, 4)?;
+    let bytes = borrow(g, ptr, 4)?;
     Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 

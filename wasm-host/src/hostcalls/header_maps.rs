@@ -86,7 +86,8 @@ fn map(
 /// that is not UTF-8 is converted lossily (HTTP names are ASCII tokens).
 fn read_name<G: HostContext>(caller: &G, ptr: i32, len: i32) -> Result<String, Fault<G::Trap>> {
     let bytes = memory::read(caller, ptr, len)?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    Ok(String::from_utf8(bytes)
+        .unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned()))
 }
 
 /// The serialized visible entries of a map.
@@ -223,7 +224,7 @@ pub(crate) fn add_value<G: HostContext>(
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
     let value = memory::read(caller, ptr, len)?;
-    modify(caller, ty, &key.clone(), |map| map.add(&key, &value))
+    modify(caller, ty, &key, |map| map.add(&key, &value))
 }
 
 /// `proxy_replace_header_map_value(...)`: add-or-replace.
@@ -238,7 +239,7 @@ pub(crate) fn replace_value<G: HostContext>(
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
     let value = memory::read(caller, ptr, len)?;
-    modify(caller, ty, &key.clone(), |map| map.replace(&key, &value))
+    modify(caller, ty, &key, |map| map.replace(&key, &value))
 }
 
 /// `proxy_remove_header_map_value(type, key, key_size)`: OK even if absent.
@@ -250,7 +251,7 @@ pub(crate) fn remove_value<G: HostContext>(
 ) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
     let key = read_name(caller, key_ptr, key_len)?;
-    modify(caller, ty, &key.clone(), |map| map.remove(&key))
+    modify(caller, ty, &key, |map| map.remove(&key))
 }
 
 #[cfg(test)]

@@ -17,13 +17,14 @@ pub(crate) fn log<G: HostContext>(
     len: i32,
 ) -> HostResult<G::Trap> {
     let level = LogLevel::try_from(level).map_err(|_| Status::BadArgument)?;
-    let message = memory::read(caller, ptr, len)?;
+    // Borrowed, not copied: most messages are below the level anyone records.
+    let message = memory::borrow(caller, ptr, len)?;
     let state = caller.state();
     emit(
         state.plugin_name(),
         state.call.effective_context_id,
         level,
-        &String::from_utf8_lossy(&message),
+        &String::from_utf8_lossy(message),
     );
     Ok(())
 }
