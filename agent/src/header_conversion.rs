@@ -87,14 +87,7 @@ pub fn to_wasm_map(map: &http::HeaderMap) -> HeaderMap {
 pub fn to_http_map(map: &HeaderMap) -> http::HeaderMap {
     let values = SharedValues::new(map);
     let mut out = http::HeaderMap::with_capacity(map.len());
-    for (name, value) in values.regular() {
-        match (HeaderName::from_bytes(name.as_bytes()), value) {
-            (Ok(name), Ok(value)) => {
-                out.append(name, value);
-            }
-            _ => tracing::warn!(trailer = name, "dropping a trailer that is not valid HTTP"),
-        }
-    }
+    values.append_valid(&mut out, "trailer");
     out
 }
 
@@ -177,17 +170,7 @@ pub fn build_response<B>(status: StatusCode, headers: &HeaderMap, body: B) -> Re
     *response.status_mut() = status;
     let out = response.headers_mut();
     out.reserve(headers.len());
-    for (name, value) in values.regular() {
-        match (HeaderName::from_bytes(name.as_bytes()), value) {
-            (Ok(name), Ok(value)) => {
-                out.append(name, value);
-            }
-            _ => tracing::warn!(
-                header = name,
-                "dropping a response header that is not valid HTTP"
-            ),
-        }
-    }
+    values.append_valid(out, "response header");
     response
 }
 
@@ -199,15 +182,14 @@ struct SharedValues<'a> {
 
 impl<'a> SharedValues<'a> {
     fn new(map: &'a HeaderMap) -> Self {
-        let (buffer, _) = map.packed_values();
         SharedValues {
             map,
-            buffer: Bytes::copy_from_slice(buffer),
+            buffer: Bytes::copy_from_slice(map.value_buffer()),
         }
     }
 
     fn entries(&self) -> impl Iterator<Item = (&'a str, Range<usize>)> + use<'a> {
-        self.map.packed_values().1
+        self.map.value_ranges()
     }
 
     /// The first value of pseudo-header `name` (names are stored lower-case).
@@ -230,6 +212,19 @@ impl<'a> SharedValues<'a> {
                     HeaderValue::from_maybe_shared(self.buffer.slice(range)),
                 )
             })
+    }
+
+    /// Appends the regular entries to `out`; one that is not valid HTTP is
+    /// dropped with a warning naming it as a `what`.
+    fn append_valid(&self, out: &mut http::HeaderMap, what: &str) {
+        for (name, value) in self.regular() {
+            match (HeaderName::from_bytes(name.as_bytes()), value) {
+                (Ok(name), Ok(value)) => {
+                    out.append(name, value);
+                }
+                _ => tracing::warn!(header = name, "dropping a {what} that is not valid HTTP"),
+            }
+        }
     }
 }
 

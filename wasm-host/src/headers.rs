@@ -186,15 +186,19 @@ impl HeaderMap {
             .map(|e| (self.name_of(e), self.value_of(e)))
     }
 
-    /// The buffer all values are stored in, and every entry's name with its
-    /// value's range in that buffer, in order. Lets a caller copy all values
-    /// at once and hand out slices of the copy instead of copying each.
-    pub fn packed_values(&self) -> (&[u8], impl Iterator<Item = (&str, Range<usize>)>) {
-        let entries = self
-            .entries
+    /// The buffer all values are stored in. With [`Self::value_ranges`], lets
+    /// a caller copy all values at once and hand out slices of the copy
+    /// instead of copying each.
+    pub fn value_buffer(&self) -> &[u8] {
+        &self.values
+    }
+
+    /// Every entry's name with its value's range in [`Self::value_buffer`],
+    /// in order.
+    pub fn value_ranges(&self) -> impl Iterator<Item = (&str, Range<usize>)> {
+        self.entries
             .iter()
-            .map(|e| (self.name_of(e), e.value.range()));
-        (&self.values, entries)
+            .map(|e| (self.name_of(e), e.value.range()))
     }
 
     /// Number of entries (a name with two values counts twice).
@@ -355,13 +359,14 @@ mod tests {
     }
 
     #[test]
-    fn packed_values_locate_every_value_in_one_buffer() {
+    fn value_ranges_locate_every_value_in_one_buffer() {
         let mut map: HeaderMap = [("a", "1"), ("b", "22"), ("c", "333")]
             .into_iter()
             .collect();
         map.remove("b");
-        let (buffer, entries) = map.packed_values();
-        let found: Vec<(&str, &[u8])> = entries
+        let buffer = map.value_buffer();
+        let found: Vec<(&str, &[u8])> = map
+            .value_ranges()
             .map(|(name, range)| (name, &buffer[range]))
             .collect();
         assert_eq!(found, [("a", &b"1"[..]), ("c", b"333")]);
