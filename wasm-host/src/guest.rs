@@ -26,6 +26,9 @@ pub(crate) trait HostContext {
     /// The guest's linear memory (empty if it exports none).
     fn memory(&self) -> &[u8];
     fn memory_mut(&mut self) -> &mut [u8];
+    /// Guest memory and host state at once, so a hostcall can read its
+    /// arguments in place while it changes the state (no copies).
+    fn memory_and_state_mut(&mut self) -> (&[u8], &mut HostState);
     /// Calls the guest allocator with `size`; `None` if the module has none.
     fn call_allocator(&mut self, size: i32) -> Option<Result<i32, Self::Trap>>;
 }
@@ -231,6 +234,9 @@ mod tests {
         }
         fn memory_mut(&mut self) -> &mut [u8] {
             &mut self.memory
+        }
+        fn memory_and_state_mut(&mut self) -> (&[u8], &mut HostState) {
+            (&self.memory, &mut self.state)
         }
         fn call_allocator(&mut self, size: i32) -> Option<Result<i32, String>> {
             if self.allocator_traps {

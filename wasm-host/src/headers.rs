@@ -21,6 +21,9 @@ pub struct HeaderMap {
     entries: Vec<Entry>,
     /// Bytes of `names` and `values` that entries still point to.
     live: usize,
+    /// How many leading entries no `replace` or `remove` has touched since
+    /// [`HeaderMap::mark_untouched`] (see [`HeaderMap::untouched`]).
+    untouched: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -68,7 +71,31 @@ impl HeaderMap {
             values: Vec::with_capacity(entries * 32),
             entries: Vec::with_capacity(entries),
             live: 0,
+            untouched: 0,
         }
+    }
+
+    /// Marks every entry present now as untouched.
+    pub fn mark_untouched(&mut self) {
+        self.untouched = self.entries.len();
+    }
+
+    /// How many leading entries are still exactly as they were at the last
+    /// [`HeaderMap::mark_untouched`]: `replace` and `remove` lower it to the
+    /// first entry they change, `add` appends after it. An embedder that
+    /// built the map from its own headers can then keep those and apply only
+    /// what was appended, instead of rebuilding them all.
+    pub fn untouched(&self) -> usize {
+        self.untouched
+    }
+
+    /// The entries from index `start` on, in order.
+    pub fn iter_from(&self, start: usize) -> impl Iterator<Item = (&str, &[u8])> {
+        self.entries
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .map(|e| (self.name_of(e), self.value_of(e)))
     }
 
     fn name_of(&self, entry: &Entry) -> &str {
@@ -123,6 +150,7 @@ impl HeaderMap {
         let Some(first) = self.position(name) else {
             return self.add(name, value);
         };
+        self.untouched = self.untouched.min(first);
         let old = self.entries[first].value;
         self.live = self.live - old.len as usize + value.len();
         if value.len() <= old.len as usize {
@@ -151,6 +179,10 @@ impl HeaderMap {
 
     /// Removes every value of `name`; absent names are fine.
     pub fn remove(&mut self, name: &str) {
+        let Some(first) = self.position(name) else {
+            return;
+        };
+        self.untouched = self.untouched.min(first);
         let mut dropped = 0;
         let names = &self.names;
         self.entries.retain(|e| {
@@ -176,6 +208,8 @@ impl HeaderMap {
         for (name, value) in self.iter() {
             compacted.add(name, value);
         }
+        // Same entries in the same order: what was untouched still is.
+        compacted.untouched = self.untouched;
         *self = compacted;
     }
 
@@ -216,6 +250,7 @@ impl HeaderMap {
         self.values.clear();
         self.entries.clear();
         self.live = 0;
+        self.untouched = 0;
     }
 }
 
@@ -279,6 +314,31 @@ mod tests {
         assert_eq!(entries(&map), [("content-type", "text/plain")]);
         let collected: HeaderMap = [("X-A".to_owned(), b"1".to_vec())].into_iter().collect();
         assert_eq!(entries(&collected), [("x-a", "1")]);
+    }
+
+    #[test]
+    fn untouched_counts_the_leading_entries_no_write_changed() {
+        let mut map: HeaderMap = [("a", "1"), ("b", "2"), ("c", "3")].into_iter().collect();
+        assert_eq!(
+            map.untouched(),
+            0,
+            "nothing is marked until the embedder marks it"
+        );
+        map.mark_untouched();
+        map.add("d", b"4");
+        assert_eq!(map.untouched(), 3, "appending keeps the prefix");
+        assert_eq!(map.iter_from(3).collect::<Vec<_>>(), [("d", &b"4"[..])]);
+        map.remove("absent");
+        assert_eq!(map.untouched(), 3);
+        map.replace("c", b"x");
+        assert_eq!(map.untouched(), 2, "an in-place replace counts");
+        map.remove("b");
+        assert_eq!(map.untouched(), 1);
+        map.replace("new", b"5");
+        assert_eq!(map.untouched(), 1, "replacing a missing name appends");
+        map.clear();
+        assert_eq!(map.untouched(), 0);
+        assert!(map.iter_from(5).next().is_none());
     }
 
     #[test]

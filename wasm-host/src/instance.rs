@@ -26,7 +26,9 @@ use crate::headers::HeaderMap;
 #[cfg(not(feature = "wasmedge"))]
 use crate::plugin::WASMEDGE_MISSING;
 use crate::plugin::{EngineKind, Plugin, PluginCounters};
-use crate::state::{CallScope, CalloutKind, ConfigPhase, ContextKind, HostState, Restriction};
+use crate::state::{
+    CallEnd, CallScope, CalloutKind, ConfigPhase, ContextKind, HostState, Restriction,
+};
 use crate::stream::{Action, HttpStream, PeerType, StreamRequest, TcpConnection};
 use crate::wasmtime_vm::WasmtimeVm;
 
@@ -881,17 +883,16 @@ impl PluginInstance {
     }
 
     /// Sets up the scope hostcalls see for the next guest call.
+    /// The scope is clear here: every call ends with [`Self::end_call`].
     fn begin_call(&mut self, context_id: u32, stream: Option<HttpStream>, phase: ConfigPhase) {
-        self.vm.state_mut().call = CallScope {
-            effective_context_id: context_id,
-            stream: stream.map(|s| (context_id, s)),
-            phase,
-            ..CallScope::default()
-        };
+        let call = &mut self.vm.state_mut().call;
+        call.effective_context_id = context_id;
+        call.stream = stream.map(|s| (context_id, s));
+        call.phase = phase;
     }
 
-    fn end_call(&mut self) -> CallScope {
-        mem::take(&mut self.vm.state_mut().call)
+    fn end_call(&mut self) -> CallEnd {
+        self.vm.state_mut().call.finish()
     }
 
     /// One guest call for `context_id` without a stream.

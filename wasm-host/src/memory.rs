@@ -42,8 +42,13 @@ pub(crate) fn borrow<G: HostContext>(
     ptr: i32,
     len: i32,
 ) -> Result<&[u8], GuestError<G::Trap>> {
+    slice(g.memory(), ptr, len)
+}
+
+/// The `len` bytes at `ptr` of `memory` (from [`HostContext::memory_and_state_mut`]).
+pub(crate) fn slice<T>(memory: &[u8], ptr: i32, len: i32) -> Result<&[u8], GuestError<T>> {
     let range = range(ptr, len as u32 as usize).ok_or(GuestError::OutOfBounds)?;
-    g.memory().get(range).ok_or(GuestError::OutOfBounds)
+    memory.get(range).ok_or(GuestError::OutOfBounds)
 }
 
 pub(crate) fn read_u32<G: HostContext>(g: &G, ptr: i32) -> Result<u32, GuestError<G::Trap>> {

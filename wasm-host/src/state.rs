@@ -105,6 +105,50 @@ pub(crate) struct CallScope {
     pub restriction: Restriction,
 }
 
+/// What a finished call hands back to the embedder's side.
+pub(crate) struct CallEnd {
+    pub stream: Option<(u32, HttpStream)>,
+    pub tcp: Option<(u32, TcpConnection)>,
+    pub local_response_sent: bool,
+}
+
+impl CallScope {
+    /// Ends the call: takes what was lent and clears the rest in place.
+    /// (The scope is about 1 KiB; rebuilding and moving it on every guest
+    /// call was a measurable part of a request.)
+    pub(crate) fn finish(&mut self) -> CallEnd {
+        // Listed without `..`, so a new field cannot be forgotten here.
+        let CallScope {
+            effective_context_id,
+            stream,
+            tcp,
+            phase,
+            local_response_sent,
+            http_call_response,
+            grpc_initial_metadata,
+            grpc_trailing_metadata,
+            grpc_message,
+            foreign_arguments,
+            status,
+            restriction,
+        } = self;
+        *effective_context_id = 0;
+        *phase = ConfigPhase::default();
+        *http_call_response = None;
+        *grpc_initial_metadata = None;
+        *grpc_trailing_metadata = None;
+        *grpc_message = None;
+        *foreign_arguments = None;
+        *status = None;
+        *restriction = Restriction::default();
+        CallEnd {
+            stream: stream.take(),
+            tcp: tcp.take(),
+            local_response_sent: std::mem::take(local_response_sent),
+        }
+    }
+}
+
 pub(crate) struct HostState {
     pub plugin: Plugin,
     /// Live contexts by id; ids start at 1 and are never reused.

@@ -293,6 +293,13 @@ impl HostContext for EdgeCtx<'_> {
         }
     }
 
+    fn memory_and_state_mut(&mut self) -> (&[u8], &mut HostState) {
+        // SAFETY: see `finish`; the state lives outside the guest's memory,
+        // so the two borrows never alias.
+        let state = unsafe { &mut (*self.state).host };
+        (self.memory(), state)
+    }
+
     fn call_allocator(&mut self, size: i32) -> Option<Result<i32, EdgeTrap>> {
         // SAFETY: see `finish`; the executor outlives the instance.
         let (executor, allocator) = unsafe { ((*self.state).executor, (*self.state).allocator?) };

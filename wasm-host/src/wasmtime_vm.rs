@@ -75,6 +75,16 @@ macro_rules! wasmtime_context {
             fn memory_mut(&mut self) -> &mut [u8] {
                 memory_of_mut(self)
             }
+            #[inline]
+            fn memory_and_state_mut(&mut self) -> (&[u8], &mut HostState) {
+                match self.data().memory {
+                    Some(memory) => {
+                        let (memory, data) = memory.data_and_store_mut(self);
+                        (memory, &mut data.host)
+                    }
+                    None => (&[], &mut self.data_mut().host),
+                }
+            }
             fn call_allocator(&mut self, size: i32) -> Option<wasmtime::Result<i32>> {
                 call_allocator_of(self, size)
             }

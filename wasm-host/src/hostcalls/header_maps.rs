@@ -13,6 +13,8 @@
 //! default) are invisible to the plugin: reads skip them, writes to them are
 //! ignored, and `proxy_set_header_map_pairs` keeps them.
 
+use std::borrow::Cow;
+
 use super::{Fault, HostResult};
 use crate::abi::{AbiVersion, MapType, Status};
 use crate::guest::HostContext;
@@ -82,12 +84,11 @@ fn map(
     }
 }
 
-/// Reads a header name from the guest. Names are bytes on the wire; anything
-/// that is not UTF-8 is converted lossily (HTTP names are ASCII tokens).
-fn read_name<G: HostContext>(caller: &G, ptr: i32, len: i32) -> Result<String, Fault<G::Trap>> {
-    let bytes = memory::read(caller, ptr, len)?;
-    Ok(String::from_utf8(bytes)
-        .unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned()))
+/// A header name as the guest passed it, borrowed from guest memory. Names
+/// are bytes on the wire; anything that is not UTF-8 is converted lossily
+/// (HTTP names are ASCII tokens).
+fn name_of(bytes: &[u8]) -> Cow<'_, str> {
+    String::from_utf8_lossy(bytes)
 }
 
 /// The serialized visible entries of a map.
@@ -173,13 +174,14 @@ pub(crate) fn get_value<G: HostContext>(
     size_ptr: i32,
 ) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
-    let key = read_name(caller, key_ptr, key_len)?;
-    let state = caller.state_mut();
-    let plugin = state.plugin.clone();
+    let (memory, state) = caller.memory_and_state_mut();
+    let key = name_of(memory::slice(memory, key_ptr, key_len)?);
+    let hidden = state.plugin.config().is_censored(&key);
     let (map, censored) = map(state, ty, Access::Read)?;
+    // Copied out of the map: handing it over calls the guest's allocator.
     let value = map
         .get(&key)
-        .filter(|_| !(censored && plugin.config().is_censored(&key)))
+        .filter(|_| !(censored && hidden))
         .map(<[u8]>::to_vec);
     let value = match value {
         Some(value) => value,
@@ -190,25 +192,35 @@ pub(crate) fn get_value<G: HostContext>(
     Ok(())
 }
 
-/// Applies `change` to map `ty` unless `key` is censored there.
+/// Where a write's value is: nowhere for a removal.
+type ValueArg = Option<(i32, i32)>;
+
+/// Applies `change(map, key, value)` to map `ty` unless the key is censored
+/// there. Key and value are read in place from guest memory.
 fn modify<G: HostContext>(
     caller: &mut G,
     ty: MapType,
-    key: &str,
-    change: impl FnOnce(&mut HeaderMap),
+    (key_ptr, key_len): (i32, i32),
+    value: ValueArg,
+    change: impl FnOnce(&mut HeaderMap, &str, &[u8]),
 ) -> HostResult<G::Trap> {
-    let state = caller.state_mut();
-    let plugin = state.plugin.clone();
-    let (map, censored) = map(state, ty, Access::Write)?;
-    if censored && plugin.config().is_censored(key) {
+    let (memory, state) = caller.memory_and_state_mut();
+    let key = name_of(memory::slice(memory, key_ptr, key_len)?);
+    let value = match value {
+        Some((ptr, len)) => memory::slice(memory, ptr, len)?,
+        None => &[],
+    };
+    let hidden = state.plugin.config().is_censored(&key);
+    if hidden && map(state, ty, Access::Write)?.1 {
         tracing::debug!(
-            plugin = plugin.name(),
-            key,
+            plugin = state.plugin.name(),
+            key = &*key,
             "write to a censored header ignored"
         );
         return Ok(());
     }
-    change(map);
+    let (map, _) = map(state, ty, Access::Write)?;
+    change(map, &key, value);
     Ok(())
 }
 
@@ -222,9 +234,13 @@ pub(crate) fn add_value<G: HostContext>(
     len: i32,
 ) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
-    let key = read_name(caller, key_ptr, key_len)?;
-    let value = memory::read(caller, ptr, len)?;
-    modify(caller, ty, &key, |map| map.add(&key, &value))
+    modify(
+        caller,
+        ty,
+        (key_ptr, key_len),
+        Some((ptr, len)),
+        HeaderMap::add,
+    )
 }
 
 /// `proxy_replace_header_map_value(...)`: add-or-replace.
@@ -237,9 +253,13 @@ pub(crate) fn replace_value<G: HostContext>(
     len: i32,
 ) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
-    let key = read_name(caller, key_ptr, key_len)?;
-    let value = memory::read(caller, ptr, len)?;
-    modify(caller, ty, &key, |map| map.replace(&key, &value))
+    modify(
+        caller,
+        ty,
+        (key_ptr, key_len),
+        Some((ptr, len)),
+        HeaderMap::replace,
+    )
 }
 
 /// `proxy_remove_header_map_value(type, key, key_size)`: OK even if absent.
@@ -250,8 +270,9 @@ pub(crate) fn remove_value<G: HostContext>(
     key_len: i32,
 ) -> HostResult<G::Trap> {
     let ty = map_type(ty)?;
-    let key = read_name(caller, key_ptr, key_len)?;
-    modify(caller, ty, &key, |map| map.remove(&key))
+    modify(caller, ty, (key_ptr, key_len), None, |map, key, _| {
+        map.remove(key)
+    })
 }
 
 #[cfg(test)]

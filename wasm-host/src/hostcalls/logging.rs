@@ -19,6 +19,11 @@ pub(crate) fn log<G: HostContext>(
     let level = LogLevel::try_from(level).map_err(|_| Status::BadArgument)?;
     // Borrowed, not copied: most messages are below the level anyone records.
     let message = memory::borrow(caller, ptr, len)?;
+    // Checked after the memory, as Envoy does, so a bad pointer is reported
+    // at every level; a dropped message is then neither decoded nor formatted.
+    if !recorded(level) {
+        return Ok(());
+    }
     let state = caller.state();
     emit(
         state.plugin_name(),
@@ -49,6 +54,19 @@ pub(crate) fn emit(plugin: &str, context_id: u32, level: LogLevel, message: &str
 pub(crate) fn get_log_level<G: HostContext>(caller: &mut G, level_ptr: i32) -> HostResult<G::Trap> {
     memory::write_u32(caller, level_ptr, current_level() as u32)?;
     Ok(())
+}
+
+/// Whether the subscriber records `level` for target `"wasm"`.
+fn recorded(level: LogLevel) -> bool {
+    match level {
+        LogLevel::Trace => tracing::enabled!(target: "wasm", tracing::Level::TRACE),
+        LogLevel::Debug => tracing::enabled!(target: "wasm", tracing::Level::DEBUG),
+        LogLevel::Info => tracing::enabled!(target: "wasm", tracing::Level::INFO),
+        LogLevel::Warn => tracing::enabled!(target: "wasm", tracing::Level::WARN),
+        LogLevel::Error | LogLevel::Critical => {
+            tracing::enabled!(target: "wasm", tracing::Level::ERROR)
+        }
+    }
 }
 
 fn current_level() -> LogLevel {
