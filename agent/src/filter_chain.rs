@@ -27,7 +27,6 @@
 //! the next plugin. The request path enforces the buffer limit.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
@@ -38,6 +37,7 @@ use wisp_wasm_host::{
     Supervisor,
 };
 
+use crate::FastMap;
 use crate::callout::{CalloutQueue, ClusterClients, Clusters};
 use crate::callout_runner::{self, Answer, CalloutOwner};
 use crate::metrics::{Metrics, PluginLabels};
@@ -116,7 +116,7 @@ pub struct FilterChain {
     slots: Vec<Slot>,
     /// The live streams by (slot, context id), for callout answers and
     /// `proxy_continue_stream` from other callbacks.
-    streams: HashMap<(usize, u32), Rc<StreamState>>,
+    streams: FastMap<(usize, u32), Rc<StreamState>>,
     env: ChainEnv,
     metrics: Arc<Metrics>,
     this: Weak<RefCell<FilterChain>>,
@@ -278,7 +278,7 @@ impl FilterChain {
         Ok(Rc::new_cyclic(|this| {
             RefCell::new(FilterChain {
                 slots,
-                streams: HashMap::new(),
+                streams: FastMap::default(),
                 env,
                 metrics,
                 this: this.clone(),

@@ -15,16 +15,88 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use wisp_wasm_host::HeaderMap;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
+
+/// `name`'s index in [`HOP_BY_HOP`]. A `match` on the string is a length
+/// switch and one comparison, where comparing `HeaderName`s one by one was
+/// a visible part of every conversion.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "proxy-authenticate" => Some(3),
+        "proxy-authorization" => Some(4),
+        "te" => Some(5),
+        "transfer-encoding" => Some(6),
+        "upgrade" => Some(7),
+        _ => None,
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_index(name).is_some()
+}
+
+/// Which hop-by-hop headers a map holds (bit i: `HOP_BY_HOP[i]`), and
+/// whether they all come after every other header.
+#[derive(Clone, Copy, Default)]
+struct HopByHop {
+    present: u8,
+    trailing: bool,
+}
+
+impl HopByHop {
+    fn new() -> HopByHop {
+        HopByHop {
+            present: 0,
+            trailing: true,
+        }
+    }
+
+    /// Notes the next header name; whether it is hop-by-hop.
+    fn note(&mut self, name: &HeaderName) -> bool {
+        match hop_by_hop_index(name) {
+            Some(i) => {
+                self.present |= 1 << i;
+                true
+            }
+            None => {
+                if self.present != 0 {
+                    self.trailing = false;
+                }
+                false
+            }
+        }
+    }
+
+    /// `headers` without them, the others in their order.
+    fn strip(self, mut headers: http::HeaderMap) -> http::HeaderMap {
+        if self.present == 0 {
+            return headers;
+        }
+        if !self.trailing {
+            return without_hop_by_hop(headers);
+        }
+        // `remove` moves the last entry into the gap; with only hop-by-hop
+        // headers after the first one, that never reorders the others.
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            if self.present & (1 << i) != 0 {
+                headers.remove(name);
+            }
+        }
+        headers
+    }
+}
 
 /// Room for the entries plugins typically add, so adding one does not
 /// regrow the map.
@@ -55,7 +127,7 @@ pub fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap 
             {
                 map.add("te", b"trailers");
             }
-        } else if name != header::HOST && !HOP_BY_HOP.contains(&name.as_str()) {
+        } else if name != header::HOST && !is_hop_by_hop(name) {
             map.add(name.as_str(), value.as_bytes());
         }
     }
@@ -64,14 +136,48 @@ pub fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap 
 
 /// The response headers as plugins see them: `:status` first.
 pub fn response_header_map(status: StatusCode, headers: &http::HeaderMap) -> HeaderMap {
+    response_map(status, headers).0
+}
+
+/// The plugins' view of the response headers, and the hop-by-hop ones
+/// left out of it.
+fn response_map(status: StatusCode, headers: &http::HeaderMap) -> (HeaderMap, HopByHop) {
     let mut map = HeaderMap::with_capacity(headers.len() + 1 + ADDED_ENTRIES);
     map.add(":status", status.as_str().as_bytes());
+    let mut hop_by_hop = HopByHop::new();
     for (name, value) in headers {
-        if !HOP_BY_HOP.contains(&name.as_str()) {
+        if !hop_by_hop.note(name) {
             map.add(name.as_str(), value.as_bytes());
         }
     }
-    map
+    map.mark_untouched();
+    (map, hop_by_hop)
+}
+
+/// The response headers as the upstream sent them, kept while the plugins
+/// run. Most plugins leave them alone or only add some; the response then
+/// goes out with these plus what was appended, instead of every header being
+/// converted back (see [`build_response_reusing`]).
+pub struct OriginalHeaders {
+    headers: http::HeaderMap,
+    /// Entries of the plugin map built from them, `:status` included.
+    entries: usize,
+    /// The hop-by-hop headers left out of the plugin map.
+    hop_by_hop: HopByHop,
+}
+
+/// [`response_header_map`], keeping `headers` for [`build_response_reusing`].
+pub fn response_header_map_keeping(
+    status: StatusCode,
+    headers: http::HeaderMap,
+) -> (HeaderMap, OriginalHeaders) {
+    let (map, hop_by_hop) = response_map(status, &headers);
+    let original = OriginalHeaders {
+        entries: map.len(),
+        hop_by_hop,
+        headers,
+    };
+    (map, original)
 }
 
 /// http trailers as the plugins see them.
@@ -174,6 +280,71 @@ pub fn build_response<B>(status: StatusCode, headers: &HeaderMap, body: B) -> Re
     response
 }
 
+/// [`build_response`] for a map made by [`response_header_map_keeping`]:
+/// while no plugin replaced or removed any of the upstream's headers (nor
+/// `:status`), those are kept as they are and only the entries appended
+/// after them are converted. The result is the same either way.
+pub fn build_response_reusing<B>(
+    status: StatusCode,
+    headers: &HeaderMap,
+    original: OriginalHeaders,
+    body: B,
+) -> Response<B> {
+    if headers.untouched() < original.entries {
+        return build_response(status, headers, body);
+    }
+    let mut out = original.hop_by_hop.strip(original.headers);
+    for (name, value) in headers.iter_from(original.entries) {
+        // A pseudo-header appended later never wins over the first one.
+        if !name.starts_with(':') {
+            append_or_warn(
+                &mut out,
+                name,
+                HeaderValue::from_bytes(value),
+                "response header",
+            );
+        }
+    }
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = out;
+    response
+}
+
+/// `headers` without the hop-by-hop ones, in their order (`remove` would
+/// move the last header into the gap). Names and values are moved, not
+/// parsed again.
+fn without_hop_by_hop(headers: http::HeaderMap) -> http::HeaderMap {
+    let mut out = http::HeaderMap::with_capacity(headers.len());
+    let mut current: Option<HeaderName> = None;
+    // `into_iter` names only the first value of each name.
+    for (name, value) in headers {
+        if let Some(name) = name {
+            current = (!is_hop_by_hop(&name)).then_some(name);
+        }
+        if let Some(name) = &current {
+            out.append(name, value);
+        }
+    }
+    out
+}
+
+/// Appends `name: value` to `out`, or drops it with a warning naming it as a
+/// `what` when it is not valid HTTP.
+fn append_or_warn(
+    out: &mut http::HeaderMap,
+    name: &str,
+    value: Result<HeaderValue, header::InvalidHeaderValue>,
+    what: &str,
+) {
+    match (HeaderName::from_bytes(name.as_bytes()), value) {
+        (Ok(name), Ok(value)) => {
+            out.append(name, value);
+        }
+        _ => tracing::warn!(header = name, "dropping a {what} that is not valid HTTP"),
+    }
+}
+
 /// A plugin header map's values copied once into one shared buffer.
 struct SharedValues<'a> {
     map: &'a HeaderMap,
@@ -218,12 +389,7 @@ impl<'a> SharedValues<'a> {
     /// dropped with a warning naming it as a `what`.
     fn append_valid(&self, out: &mut http::HeaderMap, what: &str) {
         for (name, value) in self.regular() {
-            match (HeaderName::from_bytes(name.as_bytes()), value) {
-                (Ok(name), Ok(value)) => {
-                    out.append(name, value);
-                }
-                _ => tracing::warn!(header = name, "dropping a {what} that is not valid HTTP"),
-            }
+            append_or_warn(out, name, value, what);
         }
     }
 }
@@ -375,5 +541,92 @@ mod tests {
         );
         let trailers = to_wasm_map(&http);
         assert_eq!(to_http_map(&trailers), http);
+    }
+
+    #[test]
+    fn reusing_the_upstream_headers_gives_the_rebuilt_response() {
+        let mut upstream = http::HeaderMap::new();
+        upstream.append("content-type", HeaderValue::from_static("text/plain"));
+        upstream.append("connection", HeaderValue::from_static("keep-alive"));
+        upstream.append("set-cookie", HeaderValue::from_static("a=1"));
+        upstream.append("content-length", HeaderValue::from_static("5"));
+        // What plugins may do, and whether the upstream's map can be kept.
+        type Edit<'a> = (&'a str, &'a dyn Fn(&mut HeaderMap), bool);
+        let edits: [Edit; 6] = [
+            ("nothing", &|_| {}, true),
+            ("append", &|m| m.add("x-wisp-filter", b"on"), true),
+            ("append to a name", &|m| m.add("set-cookie", b"b=2"), true),
+            (
+                "append a pseudo-header",
+                &|m| m.add(":status", b"500"),
+                true,
+            ),
+            (
+                "replace",
+                &|m| m.replace("content-type", b"text/html"),
+                false,
+            ),
+            ("remove", &|m| m.remove("set-cookie"), false),
+        ];
+        for (what, edit, kept) in edits {
+            let (mut map, original) =
+                response_header_map_keeping(StatusCode::CREATED, upstream.clone());
+            edit(&mut map);
+            assert_eq!(map.untouched() == original.entries, kept, "{what}");
+            let rebuilt = build_response(StatusCode::CREATED, &map, ());
+            let reused = build_response_reusing(StatusCode::CREATED, &map, original, ());
+            assert_eq!(reused.status(), rebuilt.status(), "{what}");
+            assert_eq!(
+                http_pairs(reused.headers()),
+                http_pairs(rebuilt.headers()),
+                "{what}: same headers in the same order"
+            );
+            assert!(!reused.headers().contains_key("connection"), "{what}");
+        }
+        // Hop-by-hop headers among the others are stripped without
+        // reordering them too.
+        let mut interleaved = http::HeaderMap::new();
+        interleaved.append("keep-alive", HeaderValue::from_static("timeout=5"));
+        interleaved.append("server", HeaderValue::from_static("nginx"));
+        interleaved.append("connection", HeaderValue::from_static("keep-alive"));
+        interleaved.append("date", HeaderValue::from_static("today"));
+        interleaved.append("x-last", HeaderValue::from_static("1"));
+        let (map, original) = response_header_map_keeping(StatusCode::OK, interleaved);
+        let reused = build_response_reusing(StatusCode::OK, &map, original, ());
+        assert_eq!(
+            http_pairs(reused.headers()),
+            [
+                ("server".to_owned(), "nginx".to_owned()),
+                ("date".to_owned(), "today".to_owned()),
+                ("x-last".to_owned(), "1".to_owned()),
+            ]
+        );
+
+        let mut trailing = http::HeaderMap::new();
+        for (name, value) in [("server", "nginx"), ("date", "today"), ("x-last", "1")] {
+            trailing.append(name, HeaderValue::from_static(value));
+        }
+        trailing.append("connection", HeaderValue::from_static("keep-alive"));
+        trailing.append("keep-alive", HeaderValue::from_static("timeout=5"));
+        let (map, original) = response_header_map_keeping(StatusCode::OK, trailing);
+        let reused = build_response_reusing(StatusCode::OK, &map, original, ());
+        assert_eq!(
+            http_pairs(reused.headers()),
+            [
+                ("server".to_owned(), "nginx".to_owned()),
+                ("date".to_owned(), "today".to_owned()),
+                ("x-last".to_owned(), "1".to_owned()),
+            ],
+            "trailing hop-by-hop headers are removed in place"
+        );
+
+        let (mut map, original) = response_header_map_keeping(StatusCode::OK, upstream);
+        map.replace(":status", b"418");
+        let response = build_response_reusing(StatusCode::OK, &map, original, ());
+        assert_eq!(
+            response.status(),
+            StatusCode::IM_A_TEAPOT,
+            "a new :status is rebuilt"
+        );
     }
 }

@@ -30,8 +30,8 @@ use crate::filter_chain::{
     BodyStep, Direction, FilterChain, Resume, SharedChain, Step, StreamState,
 };
 use crate::header_conversion::{
-    build_response, request_header_map, response_header_map, to_http_map, to_wasm_map,
-    upstream_request,
+    build_response, build_response_reusing, request_header_map, response_header_map,
+    response_header_map_keeping, to_http_map, to_wasm_map, upstream_request,
 };
 use crate::metrics::{Metrics, PluginLabels, RequestLabels};
 use crate::tls::TlsInfo;
@@ -920,7 +920,7 @@ async fn proxy_request(
             )
         }
     };
-    let response = response_phase(&ex, status, &headers, source, version).await;
+    let response = response_phase(&ex, status, headers, source, version).await;
     let complete = response
         .as_ref()
         .map_or(true, |response| response.body().is_end_stream());
@@ -994,11 +994,12 @@ async fn request_phase(
 async fn response_phase(
     ex: &Rc<Exchange>,
     status: StatusCode,
-    headers: &http::HeaderMap,
+    headers: http::HeaderMap,
     mut source: Source,
     version: Version,
 ) -> Result<Response<ProxyBody>, StreamReset> {
-    ex.state.stream.borrow_mut().response_headers = response_header_map(status, headers);
+    let (plugin_view, original) = response_header_map_keeping(status, headers);
+    ex.state.stream.borrow_mut().response_headers = plugin_view;
     let mut ended = source.is_end_stream();
     let replaced = |local: LocalResponse| {
         let (status, headers, body) = local_response_parts(local);
@@ -1016,9 +1017,10 @@ async fn response_phase(
     }
     let respond = |fix: &LengthFix, body: ProxyBody| {
         let stream = ex.state.stream.borrow();
-        build_response(
+        build_response_reusing(
             status,
             &fix.applied(&stream.response_headers, version),
+            original,
             body,
         )
     };

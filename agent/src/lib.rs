@@ -38,3 +38,8 @@ pub mod tcp_proxy;
 pub mod tls;
 pub mod upstream;
 pub mod worker;
+
+/// A hash map for per-worker tables looked up on every request (upstream
+/// pools, stream states): foldhash is several times cheaper than std's
+/// SipHash on small keys and keeps a per-process random seed.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

@@ -9,7 +9,6 @@
 //! dropped when found; one idle for [`POOL_IDLE_TIMEOUT`] is closed by us.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -19,10 +18,11 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
 use super::{Dialer, POOL_IDLE_TIMEOUT, UpstreamError, error_chain};
+use crate::FastMap;
 
 pub struct Http1Pool<B> {
     dialer: Dialer,
-    connections: RefCell<HashMap<SocketAddr, Vec<Pooled<B>>>>,
+    connections: RefCell<FastMap<SocketAddr, Vec<Pooled<B>>>>,
     /// When idle connections of every destination were last swept.
     last_sweep: Cell<Instant>,
 }
@@ -47,7 +47,7 @@ where
     pub fn new(dialer: Dialer) -> Http1Pool<B> {
         Http1Pool {
             dialer,
-            connections: RefCell::new(HashMap::new()),
+            connections: RefCell::new(FastMap::default()),
             last_sweep: Cell::new(Instant::now()),
         }
     }
@@ -83,14 +83,25 @@ where
     }
 
     /// A pooled connection to `destination` ready for a request, if any.
+    ///
+    /// The newest ready connection is taken (its socket is the warmest);
+    /// closed or idle-expired ones met on the way are dropped, the others
+    /// wait for [`Self::sweep`], so a request looks at few connections.
     fn take_ready(&self, destination: SocketAddr) -> Option<http1::SendRequest<B>> {
         let now = Instant::now();
         self.sweep(now);
         let mut connections = self.connections.borrow_mut();
         let pooled = connections.get_mut(&destination)?;
-        pooled.retain(|p| !p.expired(now));
-        let ready = pooled.iter().position(|p| p.sender.is_ready())?;
-        Some(pooled.swap_remove(ready).sender)
+        let mut index = pooled.len();
+        while index > 0 {
+            index -= 1;
+            if pooled[index].expired(now) {
+                pooled.swap_remove(index);
+            } else if pooled[index].sender.is_ready() {
+                return Some(pooled.swap_remove(index).sender);
+            }
+        }
+        None
     }
 
     fn put_back(&self, destination: SocketAddr, sender: http1::SendRequest<B>) {
