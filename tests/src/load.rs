@@ -95,6 +95,32 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// The machine's CPU time so far, from the first line of /proc/stat, in
+/// clock ticks: (all of it, the part a hypervisor gave to other guests).
+/// Steal is how a shared VM shows that its cores were busy elsewhere.
+pub fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice],
+    // guest time is already counted in user.
+    let total = fields.iter().take(8).sum();
+    Some((total, *fields.get(7)?))
+}
+
+/// The share of the machine's CPU time stolen between two
+/// [`machine_cpu_ticks`] readings, in percent.
+pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
+    let total = after.0.checked_sub(before.0)?;
+    let steal = after.1.checked_sub(before.1)?;
+    (total > 0).then(|| steal as f64 * 100.0 / total as f64)
+}
+
 /// CPU time (user + system) a process has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -117,5 +143,13 @@ mod tests {
         assert!((r.p50_ms - 0.12).abs() < 1e-9);
         assert!((r.p99_ms - 1.5).abs() < 1e-9);
         assert_eq!(r.errors, 6);
+    }
+
+    #[test]
+    fn reads_the_machines_cpu_ticks() {
+        let (total, steal) = super::machine_cpu_ticks().expect("/proc/stat has a cpu line");
+        assert!(total > 0 && steal <= total);
+        assert_eq!(super::steal_percent((100, 10), (300, 30)), Some(10.0));
+        assert_eq!(super::steal_percent((100, 10), (100, 10)), None);
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use wisp_testbed::agent::Agent;
 use wisp_testbed::envoy::{Envoy, EnvoyConfig, EnvoyPlugin, EnvoyUpstream, envoy_bin};
-use wisp_testbed::load::{WrkResult, cpu_seconds, rss_mib, wrk};
+use wisp_testbed::load::{WrkResult, cpu_seconds, machine_cpu_ticks, rss_mib, steal_percent, wrk};
 use wisp_testbed::nginx::Nginx;
 
 use crate::{build, cargo, report, run_cmd, setup, step};
@@ -39,6 +39,8 @@ struct Sample {
     /// The proxy's user + system CPU per request, in µs.
     cpu_us_per_request: Option<f64>,
     loaded_rss_mib: Option<f64>,
+    /// The machine's CPU time stolen by the hypervisor during the run, in %.
+    steal_percent: Option<f64>,
 }
 
 /// A setup's samples, summarised by their medians.
@@ -64,7 +66,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         // Warm up connections, JIT tiers and pools; then measure.
         wrk(&url, 1, options.connections, 2, &[])?;
         let cpu_before = pid.and_then(cpu_seconds);
+        let machine_before = machine_cpu_ticks();
         let result = wrk(&url, 1, options.connections, options.seconds, &[])?;
+        let machine_after = machine_cpu_ticks();
         let cpu_after = pid.and_then(cpu_seconds);
         let cpu_us_per_request = match (cpu_before, cpu_after) {
             (Some(before), Some(after)) if result.requests > 0 => {
@@ -76,6 +80,9 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             result,
             cpu_us_per_request,
             loaded_rss_mib: pid.and_then(rss_mib),
+            steal_percent: machine_before
+                .zip(machine_after)
+                .and_then(|(before, after)| steal_percent(before, after)),
         })
     };
     let mut rows = Vec::new();
@@ -202,6 +209,9 @@ impl Row {
     fn loaded_rss_mib(&self) -> Option<f64> {
         median(&self.samples, |s| s.loaded_rss_mib)
     }
+    fn steal_percent(&self) -> Option<f64> {
+        median(&self.samples, |s| s.steal_percent)
+    }
     fn errors(&self) -> u64 {
         self.samples.iter().map(|s| s.result.errors).sum()
     }
@@ -214,7 +224,7 @@ fn print_row(row: &Row) {
         .map(|s| format!("{:.0}", s.result.requests_per_second))
         .collect();
     println!(
-        "{}: {:.0} req/s (rounds: {}), p50 {:.3} ms, p99 {:.3} ms, CPU {} µs/request, RSS idle {} MiB / loaded {} MiB, errors {}",
+        "{}: {:.0} req/s (rounds: {}), p50 {:.3} ms, p99 {:.3} ms, CPU {} µs/request, RSS idle {} MiB / loaded {} MiB, steal {}%, errors {}",
         row.setup,
         row.requests_per_second(),
         each.join(", "),
@@ -223,6 +233,7 @@ fn print_row(row: &Row) {
         fmt_opt(row.cpu_us_per_request(), 1),
         fmt_opt(row.idle_rss_mib, 1),
         fmt_opt(row.loaded_rss_mib(), 1),
+        fmt_opt(row.steal_percent(), 1),
         row.errors()
     );
 }
@@ -241,9 +252,11 @@ fn table(rows: &[Row], options: &Options) -> String {
          For each worker count both proxies run side by side and are measured in alternation, {} rounds; \
          each cell is the median of the rounds (errors: their sum). CPU is the proxy's user + system time per request. \
          Everything shares the machine's cores, so absolute numbers are lower than on dedicated hosts; \
-         the ratios are the point.\n\n\
-         | Setup | req/s | p50 ms | p99 ms | CPU µs/req | RSS idle MiB | RSS loaded MiB | errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+         the ratios are the point. *Steal* is the share of the machine's CPU time the hypervisor gave \
+         to other guests during the measured runs (median): where it is high, the rounds were slowed \
+         from outside.\n\n\
+         | Setup | req/s | p50 ms | p99 ms | CPU µs/req | RSS idle MiB | RSS loaded MiB | steal % | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         report::machine_description(),
         options.connections,
         options.seconds,
@@ -251,7 +264,7 @@ fn table(rows: &[Row], options: &Options) -> String {
     );
     for row in rows {
         md.push_str(&format!(
-            "| {} | {:.0} | {:.3} | {:.3} | {} | {} | {} | {} |\n",
+            "| {} | {:.0} | {:.3} | {:.3} | {} | {} | {} | {} | {} |\n",
             row.setup,
             row.requests_per_second(),
             row.p50_ms(),
@@ -259,6 +272,7 @@ fn table(rows: &[Row], options: &Options) -> String {
             fmt_opt(row.cpu_us_per_request(), 1),
             fmt_opt(row.idle_rss_mib, 1),
             fmt_opt(row.loaded_rss_mib(), 1),
+            fmt_opt(row.steal_percent(), 1),
             row.errors()
         ));
     }
