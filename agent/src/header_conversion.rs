@@ -49,7 +49,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Which hop-by-hop headers a map holds (bit i: `HOP_BY_HOP[i]`), and
 /// whether they all come after every other header.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct HopByHop {
     present: u8,
     trailing: bool,
@@ -541,6 +541,14 @@ mod tests {
         );
         let trailers = to_wasm_map(&http);
         assert_eq!(to_http_map(&trailers), http);
+    }
+
+    #[test]
+    fn the_hop_by_hop_match_and_list_agree() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop_index(&header::HOST), None);
     }
 
     #[test]
