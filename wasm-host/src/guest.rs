@@ -216,6 +216,8 @@ mod tests {
 
     struct Bytes {
         state: HostState,
+        /// The stream `state` points at (see `LentStream`).
+        _stream: Box<HttpStream>,
         memory: Vec<u8>,
         heap: i32,
         allocator_traps: bool,
@@ -266,10 +268,13 @@ mod tests {
         let mut stream = HttpStream::default();
         stream.request_headers.add(":path", b"/seam");
         stream.request_headers.add("x-a", b"1");
+        let mut stream = Box::new(stream);
         state.call.effective_context_id = 2;
-        state.call.stream = Some((2, stream));
+        // SAFETY: the box lives in `Bytes::_stream`, dropped after `state`.
+        state.call.stream = Some((2, unsafe { crate::state::LentStream::lend(&mut stream) }));
         Bytes {
             state,
+            _stream: stream,
             memory: vec![0; 4096],
             heap: 1024,
             allocator_traps: false,

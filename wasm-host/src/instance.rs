@@ -27,7 +27,7 @@ use crate::headers::HeaderMap;
 use crate::plugin::WASMEDGE_MISSING;
 use crate::plugin::{EngineKind, Plugin, PluginCounters};
 use crate::state::{
-    CallEnd, CallScope, CalloutKind, ConfigPhase, ContextKind, HostState, Restriction,
+    CallEnd, CallScope, CalloutKind, ConfigPhase, ContextKind, HostState, LentStream, Restriction,
 };
 use crate::stream::{Action, HttpStream, PeerType, StreamRequest, TcpConnection};
 use crate::wasmtime_vm::WasmtimeVm;
@@ -866,25 +866,21 @@ impl PluginInstance {
         args: &[i32],
     ) -> Result<(), Error> {
         scope.effective_context_id = self.root_context_id();
-        let lend = stream.filter(|_| self.vm.state().contexts.contains_key(&origin));
-        let lent = lend.is_some();
-        let mut slot = None;
-        if let Some(stream) = lend {
-            scope.stream = Some((origin, mem::take(stream)));
-            slot = Some(stream);
+        if let Some(stream) = stream.filter(|_| self.vm.state().contexts.contains_key(&origin)) {
+            // SAFETY: `stream` stays borrowed until `end_call` below clears it.
+            scope.stream = Some((origin, unsafe { LentStream::lend(stream) }));
         }
         self.vm.state_mut().call = scope;
         let result = self.run(callback, args).map(drop);
-        let scope = self.end_call();
-        if let (true, Some(stream), Some((_, back))) = (lent, slot, scope.stream) {
-            *stream = back;
-        }
+        self.end_call();
         result
     }
 
     /// Sets up the scope hostcalls see for the next guest call.
-    /// The scope is clear here: every call ends with [`Self::end_call`].
-    fn begin_call(&mut self, context_id: u32, stream: Option<HttpStream>, phase: ConfigPhase) {
+    /// The scope is clear here: every call ends with [`Self::end_call`]. The
+    /// stream is set either way, so a call that unwound through a panic
+    /// cannot leave a stale [`LentStream`] for the next one.
+    fn begin_call(&mut self, context_id: u32, stream: Option<LentStream>, phase: ConfigPhase) {
         let call = &mut self.vm.state_mut().call;
         call.effective_context_id = context_id;
         call.stream = stream.map(|s| (context_id, s));
@@ -917,12 +913,11 @@ impl PluginInstance {
         stream: &mut HttpStream,
         f: impl FnOnce(&mut Self) -> Result<R, Error>,
     ) -> Result<(R, bool), Error> {
-        self.begin_call(context_id, Some(mem::take(stream)), ConfigPhase::None);
+        // SAFETY: `stream` stays borrowed until `end_call` below clears it.
+        let lent = unsafe { LentStream::lend(stream) };
+        self.begin_call(context_id, Some(lent), ConfigPhase::None);
         let result = f(self);
         let scope = self.end_call();
-        if let Some((_, lent)) = scope.stream {
-            *stream = lent;
-        }
         result.map(|r| (r, scope.local_response_sent))
     }
 

@@ -14,7 +14,7 @@ use wasmtime::Val;
 use crate::abi::AbiVersion;
 use crate::instance::PluginInstance;
 use crate::plugin::{Plugin, PluginConfig};
-use crate::state::{ConfigPhase, HostState};
+use crate::state::{ConfigPhase, HostState, LentStream};
 use crate::stream::HttpStream;
 
 /// A pointer far outside the guest's 256 KiB memory.
@@ -146,6 +146,9 @@ fn wat(abi: AbiVersion) -> String {
 pub(crate) struct Guest {
     pub instance: PluginInstance,
     cursor: i32,
+    /// The stream [`Guest::lend`] lends, kept in place here (the store only
+    /// points at it, as it points at the embedder's stream during a call).
+    lent: Option<Box<HttpStream>>,
 }
 
 impl Guest {
@@ -187,6 +190,7 @@ impl Guest {
         Guest {
             instance,
             cursor: SCRATCH,
+            lent: None,
         }
     }
 
@@ -272,14 +276,24 @@ impl Guest {
     /// Creates an HTTP context and lends `stream` to it, as during a callback.
     pub fn lend(&mut self, stream: HttpStream) -> u32 {
         let id = self.instance.create_http_context().unwrap();
+        let lent = self.lent.insert(Box::new(stream));
+        // SAFETY: the box lives in `self.lent` until the guest is dropped
+        // (after the instance) and is only reached through the store.
+        let lent = unsafe { LentStream::lend(lent) };
         let call = &mut self.state().call;
         call.effective_context_id = id;
-        call.stream = Some((id, stream));
+        call.stream = Some((id, lent));
         id
     }
 
     pub fn stream(&mut self) -> &mut HttpStream {
-        &mut self.state().call.stream.as_mut().expect("no stream lent").1
+        self.state()
+            .call
+            .stream
+            .as_mut()
+            .expect("no stream lent")
+            .1
+            .get_mut()
     }
 
     pub fn set_phase(&mut self, phase: ConfigPhase) {
