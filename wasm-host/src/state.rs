@@ -83,8 +83,8 @@ impl CalloutKind {
 ///
 /// A pointer rather than the stream moved in: a request makes about seven
 /// guest calls, and moving the ~500-byte stream in and out of the store around
-/// each (plus building the empty one left behind) was ~2.5% of a proxied
-/// request's instructions.
+/// each (plus building the empty one left behind) was ~5% of a proxied
+/// request's instructions (callgrind: 57.7k -> 54.9k).
 ///
 /// Soundness rests on [`LentStream::lend`]'s contract, which the instance's
 /// `with_stream` and `root_event` keep: the stream is exclusively borrowed for
