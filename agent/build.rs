@@ -16,7 +16,7 @@ fn main() {
             .ancestors()
             .nth(4)
             .expect("OUT_DIR lies inside the target directory")
-            .join("bpfel-unknown-none/release/wisp-ebpf"),
+            .join("ebpf/bpfel-unknown-none/release/wisp-ebpf"),
     };
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.is_file() {

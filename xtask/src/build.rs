@@ -4,8 +4,13 @@
 
 use anyhow::Context;
 
-/// Builds `ebpf/wisp-ebpf` to `target/bpfel-unknown-none/release/wisp-ebpf`,
+/// Builds `ebpf/wisp-ebpf` to `target/ebpf/bpfel-unknown-none/release/wisp-ebpf`,
 /// where the agent's build script embeds it from.
+///
+/// It has its own target directory: this build sets `RUSTC_BOOTSTRAP=1`, and
+/// build scripts that watch that variable (proc-macro2's) would otherwise be
+/// rebuilt in `target/release` with it, and again without it by the next
+/// host release build, recompiling the whole agent each time.
 pub fn ebpf() -> anyhow::Result<()> {
     crate::step("building the eBPF programs (bpfel-unknown-none)");
     let linker = crate::setup::which("bpf-linker")
@@ -24,6 +29,8 @@ pub fn ebpf() -> anyhow::Result<()> {
         crate::cargo()
             .args(["build", "--package", "wisp-ebpf", "--release"])
             .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .arg("--target-dir")
+            .arg(crate::workspace_root().join("target/ebpf"))
             // Unstable -Z build-std on our stable toolchain, for this build only.
             .env("RUSTC_BOOTSTRAP", "1")
             .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
