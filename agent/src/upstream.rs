@@ -178,6 +178,13 @@ where
         {
             return Ok(sender);
         }
+        Box::pin(self.open_http2(destination)).await
+    }
+
+    async fn open_http2(
+        &self,
+        destination: SocketAddr,
+    ) -> Result<http2::SendRequest<B>, UpstreamError> {
         let stream = self
             .http2_dialer
             .dial(destination)

@@ -65,7 +65,9 @@ where
             let fresh = pooled.is_none();
             let mut sender = match pooled.take() {
                 Some(sender) => sender,
-                None => self.connect(destination).await?,
+                // Boxed: connecting is rare, and inline its future would
+                // make every request's future several KiB larger to move.
+                None => Box::pin(self.connect(destination)).await?,
             };
             match sender.try_send_request(request).await {
                 Ok(response) => {
