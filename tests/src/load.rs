@@ -121,15 +121,40 @@ pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> Option<f64> {
     (total > 0).then(|| steal as f64 * 100.0 / total as f64)
 }
 
-/// CPU time (user + system) a process has used, in seconds.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+/// CPU time a process has used so far, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuTimes {
+    /// In user space: the process's own code.
+    pub user: f64,
+    /// In the kernel on the process's behalf: its system calls, and for
+    /// loopback TCP also the receiving side's network stack.
+    pub system: f64,
+}
+
+impl CpuTimes {
+    pub fn total(&self) -> f64 {
+        self.user + self.system
+    }
+}
+
+/// CPU time (user and system) a process has used, from `/proc/PID/stat`.
+pub fn cpu_times(pid: u32) -> Option<CpuTimes> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start at ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some(ticks / hz)
+    Some(CpuTimes {
+        user: utime / hz,
+        system: stime / hz,
+    })
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_times(pid).map(|times| times.total())
 }
 
 #[cfg(test)]
@@ -151,5 +176,23 @@ mod tests {
         assert!(total > 0 && steal <= total);
         assert_eq!(super::steal_percent((100, 10), (300, 30)), Some(10.0));
         assert_eq!(super::steal_percent((100, 10), (100, 10)), None);
+    }
+
+    #[test]
+    fn reads_a_process_cpu_times() {
+        // Burn some user time, so the reading cannot be all zeros.
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < std::time::Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let times = super::cpu_times(std::process::id()).expect("/proc/self/stat is readable");
+        assert!(times.user > 0.0, "{times:?}");
+        assert!(times.system >= 0.0);
+        assert_eq!(
+            super::cpu_seconds(std::process::id()).map(|s| s > 0.0),
+            Some(true)
+        );
+        assert_eq!(super::cpu_times(u32::MAX), None);
     }
 }
