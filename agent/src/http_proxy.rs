@@ -265,11 +265,19 @@ pub async fn serve<I>(
     }
 }
 
-async fn handle(
+/// One request, from its head to the response's head.
+///
+/// Not an `async fn`: hyper calls this as soon as it has parsed the head,
+/// and right after, before it polls the returned future, it polls the
+/// connection for EOF. The head's path and header values are slices of
+/// hyper's read buffer, so they are converted and dropped here: with no
+/// slice left, hyper reuses that buffer instead of allocating a new 8 KiB
+/// one for every request.
+fn handle(
     worker: Rc<HttpWorker>,
     downstream: Rc<Downstream>,
     req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, StreamReset> {
+) -> impl Future<Output = Result<Response<ProxyBody>, StreamReset>> {
     let started = Instant::now();
     let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path());
     // What the access log needs, before the request is consumed.
@@ -286,39 +294,73 @@ async fn handle(
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        (
-            req.method().clone(),
+        LoggedRequest {
+            method: req.method().clone(),
             authority,
             path,
-            req.version(),
-            std::time::SystemTime::now(),
-        )
+            version: req.version(),
+            start: std::time::SystemTime::now(),
+        }
     });
-    let conn = &downstream.info;
     let properties = downstream.properties(req.version());
-    let response = match proxy_request(&worker, conn, properties, req)
-        .instrument(span)
-        .await
-    {
+    let (parts, body) = req.into_parts();
+    let head = RequestHead {
+        version: parts.version,
+        headers: request_header_map(&parts, downstream.info.tls.is_some()),
+    };
+    drop(parts);
+    async move {
+        let conn = &downstream.info;
+        let response = proxy_request(&worker, conn, properties, head, body)
+            .instrument(span)
+            .await;
+        finish(&worker, &downstream, started, logged, response)
+    }
+}
+
+/// What [`handle`] keeps of a request's head.
+struct RequestHead {
+    version: Version,
+    /// The plugins' view of the request headers (pseudo-headers included).
+    headers: HeaderMap,
+}
+
+/// What the access log records of a request, taken from its head.
+struct LoggedRequest {
+    method: http::Method,
+    authority: String,
+    path: String,
+    version: Version,
+    start: std::time::SystemTime,
+}
+
+/// Logs and counts a request once its response head is known.
+fn finish(
+    worker: &HttpWorker,
+    downstream: &Downstream,
+    started: Instant,
+    logged: Option<LoggedRequest>,
+    response: Result<Response<ProxyBody>, StreamReset>,
+) -> Result<Response<ProxyBody>, StreamReset> {
+    let conn = &downstream.info;
+    let response = match response {
         Ok(response) => response,
         Err(reset) => {
             tracing::debug!(%reset, "resetting the stream");
             return Err(reset);
         }
     };
-    if let (Some(log), Some((method, authority, path, version, start))) =
-        (&worker.access_log, logged)
-    {
-        let protocol = if version == Version::HTTP_2 {
+    if let (Some(log), Some(logged)) = (&worker.access_log, logged) {
+        let protocol = if logged.version == Version::HTTP_2 {
             "HTTP/2"
         } else {
             "HTTP/1.1"
         };
         log.record(&Entry {
-            connection: ConnectionFields::new(conn, start, started, protocol),
-            method: method.as_str(),
-            authority: &authority,
-            path: &path,
+            connection: ConnectionFields::new(conn, logged.start, started, protocol),
+            method: logged.method.as_str(),
+            authority: &logged.authority,
+            path: &logged.path,
             response_code: response.status().as_u16(),
         });
     }
@@ -865,14 +907,14 @@ async fn proxy_request(
     worker: &HttpWorker,
     conn: &ConnectionInfo,
     properties: Arc<Properties>,
-    req: Request<Incoming>,
+    head: RequestHead,
+    body: Incoming,
 ) -> Result<Response<ProxyBody>, StreamReset> {
-    let (parts, body) = req.into_parts();
-    let version = parts.version;
+    let version = head.version;
     let ex = Rc::new(Exchange {
         chain: worker.current_chain(),
         state: StreamState::new(HttpStream {
-            request_headers: request_header_map(&parts, conn.tls.is_some()),
+            request_headers: head.headers,
             connection_properties: Some(properties),
             ..Default::default()
         }),
