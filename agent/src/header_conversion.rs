@@ -112,10 +112,10 @@ pub fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap 
         .unwrap_or_default();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let mut map = HeaderMap::with_capacity(parts.headers.len() + 4 + ADDED_ENTRIES);
-    map.add(":authority", authority);
-    map.add(":path", path.as_bytes());
-    map.add(":method", parts.method.as_str().as_bytes());
-    map.add(":scheme", if tls { b"https" } else { b"http" });
+    map.add_lowercase(":authority", authority);
+    map.add_lowercase(":path", path.as_bytes());
+    map.add_lowercase(":method", parts.method.as_str().as_bytes());
+    map.add_lowercase(":scheme", if tls { b"https" } else { b"http" });
     for (name, value) in &parts.headers {
         if name == header::TE {
             // `te: trailers` is end to end in practice (gRPC needs it), as
@@ -125,10 +125,10 @@ pub fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap 
                 .split(|&b| b == b',')
                 .any(|v| v.trim_ascii() == b"trailers")
             {
-                map.add("te", b"trailers");
+                map.add_lowercase("te", b"trailers");
             }
         } else if name != header::HOST && !is_hop_by_hop(name) {
-            map.add(name.as_str(), value.as_bytes());
+            map.add_lowercase(name.as_str(), value.as_bytes());
         }
     }
     map
@@ -143,11 +143,11 @@ pub fn response_header_map(status: StatusCode, headers: &http::HeaderMap) -> Hea
 /// left out of it.
 fn response_map(status: StatusCode, headers: &http::HeaderMap) -> (HeaderMap, HopByHop) {
     let mut map = HeaderMap::with_capacity(headers.len() + 1 + ADDED_ENTRIES);
-    map.add(":status", status.as_str().as_bytes());
+    map.add_lowercase(":status", status.as_str().as_bytes());
     let mut hop_by_hop = HopByHop::new();
     for (name, value) in headers {
         if !hop_by_hop.note(name) {
-            map.add(name.as_str(), value.as_bytes());
+            map.add_lowercase(name.as_str(), value.as_bytes());
         }
     }
     map.mark_untouched();
@@ -184,7 +184,7 @@ pub fn response_header_map_keeping(
 pub fn to_wasm_map(map: &http::HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(map.len());
     for (name, value) in map {
-        out.add(name.as_str(), value.as_bytes());
+        out.add_lowercase(name.as_str(), value.as_bytes());
     }
     out
 }

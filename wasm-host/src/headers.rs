@@ -131,9 +131,26 @@ impl HeaderMap {
 
     /// Appends a value, keeping any existing ones (`proxy_add_header_map_value`).
     pub fn add(&mut self, name: &str, value: &[u8]) {
+        let start = self.names.len();
+        self.push(name, value);
+        self.names[start..].make_ascii_lowercase();
+    }
+
+    /// [`HeaderMap::add`] for a name known to be lowercase already, as every
+    /// `http::HeaderName` is: an embedder converting hyper's headers skips
+    /// lowercasing each name again.
+    pub fn add_lowercase(&mut self, name: &str, value: &[u8]) {
+        debug_assert!(
+            !name.bytes().any(|b| b.is_ascii_uppercase()),
+            "{name} is not lowercase"
+        );
+        self.push(name, value);
+    }
+
+    /// Appends an entry with `name` as it is.
+    fn push(&mut self, name: &str, value: &[u8]) {
         let name_span = span(self.names.len(), name.len());
         self.names.push_str(name);
-        self.names[name_span.range()].make_ascii_lowercase();
         let value_span = span(self.values.len(), value.len());
         self.values.extend_from_slice(value);
         self.live += name.len() + value.len();
@@ -314,6 +331,18 @@ mod tests {
         assert_eq!(entries(&map), [("content-type", "text/plain")]);
         let collected: HeaderMap = [("X-A".to_owned(), b"1".to_vec())].into_iter().collect();
         assert_eq!(entries(&collected), [("x-a", "1")]);
+    }
+
+    #[test]
+    fn add_lowercase_stores_what_add_would() {
+        let mut added = HeaderMap::new();
+        added.add("X-Trace", b"1");
+        added.add(":path", b"/");
+        let mut lowercase = HeaderMap::new();
+        lowercase.add_lowercase("x-trace", b"1");
+        lowercase.add_lowercase(":path", b"/");
+        assert_eq!(entries(&added), entries(&lowercase));
+        assert_eq!(lowercase.get("X-TRACE"), Some(&b"1"[..]));
     }
 
     #[test]
