@@ -55,6 +55,14 @@ fn span(start: usize, len: usize) -> Span {
     }
 }
 
+/// Whether `entry` (its name in `names`) is called `name`, ASCII
+/// case-insensitively. Lengths first: most names in a map differ in length
+/// from the one looked up, and bytes need no UTF-8 boundary checks.
+fn is_named(names: &str, entry: &Entry, name: &str) -> bool {
+    entry.name.len as usize == name.len()
+        && names.as_bytes()[entry.name.range()].eq_ignore_ascii_case(name.as_bytes())
+}
+
 /// Below this much dead space the buffers are never compacted.
 const COMPACT_SLACK: usize = 1024;
 
@@ -109,7 +117,7 @@ impl HeaderMap {
     fn position(&self, name: &str) -> Option<usize> {
         self.entries
             .iter()
-            .position(|e| self.name_of(e).eq_ignore_ascii_case(name))
+            .position(|e| is_named(&self.names, e, name))
     }
 
     /// The first value of `name`, if present.
@@ -121,7 +129,7 @@ impl HeaderMap {
     pub fn get_all<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a [u8]> {
         self.entries
             .iter()
-            .filter(move |e| self.name_of(e).eq_ignore_ascii_case(name))
+            .filter(move |e| is_named(&self.names, e, name))
             .map(|e| self.value_of(e))
     }
 
@@ -183,7 +191,7 @@ impl HeaderMap {
         let mut dropped = 0;
         let names = &self.names;
         self.entries.retain(|e| {
-            let keep = index <= first || !names[e.name.range()].eq_ignore_ascii_case(name);
+            let keep = index <= first || !is_named(names, e, name);
             if !keep {
                 dropped += e.name.len as usize + e.value.len as usize;
             }
@@ -203,7 +211,7 @@ impl HeaderMap {
         let mut dropped = 0;
         let names = &self.names;
         self.entries.retain(|e| {
-            let keep = !names[e.name.range()].eq_ignore_ascii_case(name);
+            let keep = !is_named(names, e, name);
             if !keep {
                 dropped += e.name.len as usize + e.value.len as usize;
             }
@@ -261,7 +269,14 @@ impl HeaderMap {
         self.entries.is_empty()
     }
 
-    /// Drops every entry.
+    /// Bytes the map's buffers have room for, used or not.
+    pub fn capacity_bytes(&self) -> usize {
+        self.names.capacity()
+            + self.values.capacity()
+            + self.entries.capacity() * std::mem::size_of::<Entry>()
+    }
+
+    /// Drops every entry; the buffers keep their room for the next use.
     pub fn clear(&mut self) {
         self.names.clear();
         self.values.clear();
