@@ -14,6 +14,8 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use wisp_wasm_host::HeaderMap;
 
+use crate::header_pool;
+
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -111,7 +113,7 @@ pub fn request_header_map(parts: &http::request::Parts, tls: bool) -> HeaderMap 
         .or_else(|| parts.uri.authority().map(|a| a.as_str().as_bytes()))
         .unwrap_or_default();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut map = HeaderMap::with_capacity(parts.headers.len() + 4 + ADDED_ENTRIES);
+    let mut map = header_pool::take(parts.headers.len() + 4 + ADDED_ENTRIES);
     map.add_lowercase(":authority", authority);
     map.add_lowercase(":path", path.as_bytes());
     map.add_lowercase(":method", parts.method.as_str().as_bytes());
@@ -142,7 +144,7 @@ pub fn response_header_map(status: StatusCode, headers: &http::HeaderMap) -> Hea
 /// The plugins' view of the response headers, and the hop-by-hop ones
 /// left out of it.
 fn response_map(status: StatusCode, headers: &http::HeaderMap) -> (HeaderMap, HopByHop) {
-    let mut map = HeaderMap::with_capacity(headers.len() + 1 + ADDED_ENTRIES);
+    let mut map = header_pool::take(headers.len() + 1 + ADDED_ENTRIES);
     map.add_lowercase(":status", status.as_str().as_bytes());
     let mut hop_by_hop = HopByHop::new();
     for (name, value) in headers {

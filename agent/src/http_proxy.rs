@@ -33,6 +33,7 @@ use crate::header_conversion::{
     build_response, build_response_reusing, request_header_map, response_header_map,
     response_header_map_keeping, to_http_map, to_wasm_map, upstream_request,
 };
+use crate::header_pool;
 use crate::metrics::{Metrics, PluginLabels, RequestLabels};
 use crate::tls::TlsInfo;
 use crate::upstream::{LocalExec, UpstreamError, Upstreams};
@@ -530,6 +531,12 @@ impl Drop for Exchange {
         match self.chain.try_borrow_mut() {
             Ok(mut chain) => chain.finish(&self.state),
             Err(_) => tracing::warn!("stream ended while its chain was busy; contexts leak"),
+        }
+        // The plugins are done with the stream (`finish` ran their last
+        // callbacks): its header maps serve the worker's next requests.
+        if let Ok(mut stream) = self.state.stream.try_borrow_mut() {
+            header_pool::give_back(std::mem::take(&mut stream.request_headers));
+            header_pool::give_back(std::mem::take(&mut stream.response_headers));
         }
     }
 }

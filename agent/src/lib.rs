@@ -20,6 +20,7 @@ pub mod config;
 pub mod ebpf;
 pub mod filter_chain;
 pub mod header_conversion;
+pub mod header_pool;
 pub mod heap;
 pub mod http_proxy;
 pub mod kube;
