@@ -941,12 +941,18 @@ async fn proxy_request(
             return Err(StreamReset(reason));
         }
         Ok((fix, body)) => match ex.upstream_request(&fix, conn.destination, version, body) {
-            Ok(request) => match forward(worker, conn, request).await {
+            // The request goes to the pool right here; the future only
+            // waits for the answer (see `Upstreams::send`).
+            Ok(request) => match worker.upstreams[conn.listener_index]
+                .send(conn.destination, request)
+                .await
+            {
+                Ok(response) => Ok(response),
                 // A request body the chain stopped midway explains the failure.
                 Err(_) if ex.request_failure.borrow().is_some() => {
                     Err(ex.request_failure.borrow_mut().take().unwrap_or_default())
                 }
-                other => other,
+                Err(error) => Err(upstream_failure(worker, conn.destination, &error)),
             },
             Err(message) => {
                 tracing::warn!(%message, "filter chain produced an invalid request");
@@ -1128,35 +1134,31 @@ fn full_body(data: Bytes) -> ProxyBody {
         .boxed_unsync()
 }
 
-/// Sends the request to the connection's destination; a failure becomes
-/// Envoy's 503 reply with the reason.
-async fn forward(
+/// Envoy's 503 reply, with the reason, for a request the upstream did not
+/// answer; logged and counted.
+fn upstream_failure(
     worker: &HttpWorker,
-    conn: &ConnectionInfo,
-    request: Request<ChannelBody>,
-) -> Result<Response<Incoming>, LocalResponse> {
-    let destination = conn.destination;
-    let upstreams = &worker.upstreams[conn.listener_index];
-    upstreams.send(destination, request).await.map_err(|error| {
-        let details = match &error {
-            UpstreamError::Connect(_) => {
-                worker.metrics.upstream_connect_errors.inc();
-                tracing::warn!(%destination, %error, "cannot connect to the original destination");
-                "upstream_connection_failure"
-            }
-            UpstreamError::Request(_) => {
-                tracing::warn!(%destination, %error, "upstream reset before response headers");
-                "upstream_reset_before_response_started"
-            }
-        };
-        local_reply(
-            503,
-            details,
-            &format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: {error}"
-            ),
-        )
-    })
+    destination: SocketAddr,
+    error: &UpstreamError,
+) -> LocalResponse {
+    let details = match error {
+        UpstreamError::Connect(_) => {
+            worker.metrics.upstream_connect_errors.inc();
+            tracing::warn!(%destination, %error, "cannot connect to the original destination");
+            "upstream_connection_failure"
+        }
+        UpstreamError::Request(_) => {
+            tracing::warn!(%destination, %error, "upstream reset before response headers");
+            "upstream_reset_before_response_started"
+        }
+    };
+    local_reply(
+        503,
+        details,
+        &format!(
+            "upstream connect error or disconnect/reset before headers. reset reason: {error}"
+        ),
+    )
 }
 
 fn local_response_parts(local: LocalResponse) -> (StatusCode, http::HeaderMap, Bytes) {

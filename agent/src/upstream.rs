@@ -16,6 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::future::Either;
 use http::{Request, Response, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::http2;
@@ -154,31 +155,43 @@ where
 
     /// Sends `request` to `destination` in the request's HTTP version. For
     /// HTTP/1.1 the request URI is sent as it is (origin form: the path).
-    pub async fn send(
+    ///
+    /// Not an `async fn`: on a pooled connection the request goes to hyper
+    /// right here, and the future only waits for the response. An async fn
+    /// would carry the 320-byte request through every layer's state and copy
+    /// it at each (see docs/benchmarks.md).
+    pub fn send(
         &self,
         destination: SocketAddr,
         request: Request<B>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + '_ {
         if request.version() != Version::HTTP_2 {
-            return self.http1.send(destination, request).await;
+            return Either::Left(self.http1.send(destination, request));
         }
-        let mut sender = self.http2_connection(destination).await?;
-        let result = sender.send_request(request).await;
-        result.map_err(|error| UpstreamError::Request(error_chain(&error)))
-    }
-
-    /// The pooled HTTP/2 connection to `destination`, opened if needed.
-    async fn http2_connection(
-        &self,
-        destination: SocketAddr,
-    ) -> Result<http2::SendRequest<B>, UpstreamError> {
-        let existing = self.http2.borrow().get(&destination).cloned();
-        if let Some(sender) = existing
-            && !sender.is_closed()
-        {
-            return Ok(sender);
-        }
-        Box::pin(self.open_http2(destination)).await
+        let pooled = self
+            .http2
+            .borrow()
+            .get(&destination)
+            .filter(|sender| !sender.is_closed())
+            .cloned();
+        Either::Right(match pooled {
+            Some(mut sender) => {
+                let response = sender.send_request(request);
+                Either::Left(async move {
+                    response
+                        .await
+                        .map_err(|error| UpstreamError::Request(error_chain(&error)))
+                })
+            }
+            // Boxed: connecting is rare (see `Http1Pool::send`).
+            None => Either::Right(Box::pin(async move {
+                let mut sender = self.open_http2(destination).await?;
+                sender
+                    .send_request(request)
+                    .await
+                    .map_err(|error| UpstreamError::Request(error_chain(&error)))
+            })),
+        })
     }
 
     async fn open_http2(

@@ -9,6 +9,7 @@
 //! dropped when found; one idle for [`POOL_IDLE_TIMEOUT`] is closed by us.
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -30,6 +31,14 @@ pub struct Http1Pool<B> {
 struct Pooled<B> {
     sender: http1::SendRequest<B>,
     last_used: Instant,
+}
+
+/// How [`Http1Pool::send`] starts: on a pooled connection, the request
+/// already handed to hyper (`F` waits for the response), or kept for a new
+/// connection.
+enum Attempt<B, F> {
+    Pooled(http1::SendRequest<B>, F),
+    Fresh(Request<B>),
 }
 
 impl<B> Pooled<B> {
@@ -54,33 +63,58 @@ where
 
     /// Sends `request` (origin-form URI, `Host` set) to `destination` on a
     /// pooled connection, or on a new one.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: on a pooled connection the request goes to hyper
+    /// right here (hyper queues it for the connection's task), and the future
+    /// holds only what waiting for the response needs.
+    pub fn send(
         &self,
         destination: SocketAddr,
         mut request: Request<B>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + '_ {
         origin_form(&mut request);
-        let mut pooled = self.take_ready(destination);
-        loop {
-            let fresh = pooled.is_none();
-            let mut sender = match pooled.take() {
-                Some(sender) => sender,
-                // Boxed: connecting is rare, and inline its future would
-                // make every request's future several KiB larger to move.
-                None => Box::pin(self.connect(destination)).await?,
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    self.put_back(destination, sender);
-                    return Ok(response);
-                }
-                Err(mut error) => match error.take_message() {
-                    // A pooled connection the server closed just then hands
-                    // the request back unsent: once more on a new one.
-                    Some(unsent) if !fresh => request = unsent,
-                    _ => return Err(UpstreamError::Request(error_chain(error.error()))),
-                },
+        let attempt = match self.take_ready(destination) {
+            Some(mut sender) => {
+                let response = sender.try_send_request(request);
+                Attempt::Pooled(sender, response)
             }
+            None => Attempt::Fresh(request),
+        };
+        async move {
+            let request = match attempt {
+                Attempt::Pooled(sender, response) => match response.await {
+                    Ok(response) => {
+                        self.put_back(destination, sender);
+                        return Ok(response);
+                    }
+                    Err(mut error) => match error.take_message() {
+                        // A pooled connection the server closed just then
+                        // hands the request back unsent: once more on a new
+                        // one.
+                        Some(unsent) => unsent,
+                        None => return Err(UpstreamError::Request(error_chain(error.error()))),
+                    },
+                },
+                Attempt::Fresh(request) => request,
+            };
+            // Boxed: connecting is rare, and inline its future would make
+            // every request's future several KiB larger to move.
+            Box::pin(self.send_on_new_connection(destination, request)).await
+        }
+    }
+
+    async fn send_on_new_connection(
+        &self,
+        destination: SocketAddr,
+        request: Request<B>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut sender = self.connect(destination).await?;
+        match sender.try_send_request(request).await {
+            Ok(response) => {
+                self.put_back(destination, sender);
+                Ok(response)
+            }
+            Err(error) => Err(UpstreamError::Request(error_chain(error.error()))),
         }
     }
 
