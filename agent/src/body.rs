@@ -2,7 +2,6 @@
 //! filter chain let through to the upstream or the client, and the limit on
 //! what plugins may hold back (Envoy's per-stream buffer limit).
 
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -77,31 +76,37 @@ impl BodySender {
     }
 }
 
-/// A body whose first frames are known and whose rest, if any, another
-/// task produces. `Send`, so hyper-util's pooling client can carry it;
+/// A body whose first part is known and whose rest, if any, another task
+/// produces: the request body going upstream and the response body going
+/// to the client. `Send`, so hyper-util's pooling client can carry it;
 /// dropping every sender ends it.
+///
+/// What is known up front is at most some data and the trailers (the first
+/// piece the filter chain let through), so it is held inline: a response
+/// the chain passed whole costs no allocation for its body.
 pub struct ChannelBody {
     /// The peer's body itself, when no plugin can see it (an empty chain).
     direct: Option<hyper::body::Incoming>,
-    ready: VecDeque<Frame<Bytes>>,
+    /// Data to send first.
+    data: Option<Bytes>,
+    /// Trailers to send after `data` (boxed: few bodies have them).
+    trailers: Option<Box<HeaderMap>>,
     frames: Option<mpsc::Receiver<Result<Frame<Bytes>, BodyError>>>,
     /// Exact length when the whole body is known up front.
     length: Option<u64>,
 }
 
 impl ChannelBody {
-    /// A body of `ready` frames, then whatever comes through the returned
-    /// sender (if `more`).
-    pub fn new(ready: Vec<Frame<Bytes>>, more: bool) -> (Option<BodySender>, ChannelBody) {
+    /// A body of `data` and `trailers`, then whatever comes through the
+    /// returned sender (if `more`).
+    pub fn new(
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+        more: bool,
+    ) -> (Option<BodySender>, ChannelBody) {
         // A known length lets hyper frame with content-length, which
         // cannot carry trailers: those need chunked (HTTP/1.1).
-        let trailers = ready.iter().any(Frame::is_trailers);
-        let length = (!more && !trailers).then(|| {
-            ready
-                .iter()
-                .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
-                .sum()
-        });
+        let length = (!more && trailers.is_none()).then_some(data.len() as u64);
         let (sender, frames) = if more {
             let (tx, rx) = mpsc::channel(CHANNEL_FRAMES);
             (Some(BodySender(tx)), Some(rx))
@@ -110,18 +115,25 @@ impl ChannelBody {
         };
         let body = ChannelBody {
             direct: None,
-            ready: ready.into(),
+            data: (!data.is_empty()).then_some(data),
+            trailers: trailers.map(Box::new),
             frames,
             length,
         };
         (sender, body)
     }
 
+    /// A body known in full.
+    pub fn full(data: Bytes) -> ChannelBody {
+        ChannelBody::new(data, None, false).1
+    }
+
     /// The peer's body as it comes, for a chain without plugins.
     pub fn direct(body: hyper::body::Incoming) -> ChannelBody {
         ChannelBody {
             direct: Some(body),
-            ready: VecDeque::new(),
+            data: None,
+            trailers: None,
             frames: None,
             length: None,
         }
@@ -129,12 +141,7 @@ impl ChannelBody {
 
     /// An empty body (end of stream right away).
     pub fn empty() -> ChannelBody {
-        ChannelBody {
-            direct: None,
-            ready: VecDeque::new(),
-            frames: None,
-            length: Some(0),
-        }
+        ChannelBody::full(Bytes::new())
     }
 }
 
@@ -151,8 +158,11 @@ impl Body for ChannelBody {
                 .poll_frame(cx)
                 .map_err(|e| BodyError::Aborted(e.to_string()));
         }
-        if let Some(frame) = self.ready.pop_front() {
-            return Poll::Ready(Some(Ok(frame)));
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(*trailers))));
         }
         let Some(frames) = self.frames.as_mut() else {
             return Poll::Ready(None);
@@ -170,7 +180,7 @@ impl Body for ChannelBody {
         if let Some(direct) = &self.direct {
             return direct.is_end_stream();
         }
-        self.ready.is_empty() && self.frames.is_none()
+        self.data.is_none() && self.trailers.is_none() && self.frames.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -222,5 +232,55 @@ impl Body for WholeBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.length)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn block_on<F: std::future::Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(future)
+    }
+
+    #[test]
+    fn a_whole_body_has_its_exact_length_and_ends_after_its_data() {
+        let body = ChannelBody::full(Bytes::from_static(b"hello"));
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert!(!body.is_end_stream());
+        let collected = block_on(body.collect()).unwrap();
+        assert_eq!(&collected.to_bytes()[..], b"hello");
+        let empty = ChannelBody::empty();
+        assert!(empty.is_end_stream());
+        assert_eq!(empty.size_hint().exact(), Some(0));
+    }
+
+    #[test]
+    fn trailers_follow_the_data_and_leave_the_length_open() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let (sender, body) = ChannelBody::new(Bytes::from_static(b"ab"), Some(trailers), false);
+        assert!(sender.is_none());
+        assert_eq!(body.size_hint().exact(), None);
+        let collected = block_on(body.collect()).unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(&collected.to_bytes()[..], b"ab");
+    }
+
+    #[test]
+    fn what_the_sender_sends_comes_after_the_known_data() {
+        block_on(async {
+            let (sender, body) = ChannelBody::new(Bytes::from_static(b"first "), None, true);
+            let sender = sender.expect("more follows: a sender");
+            let send = async move {
+                assert!(sender.data(Bytes::from_static(b"then more")).await);
+            };
+            let (collected, ()) = tokio::join!(body.collect(), send);
+            assert_eq!(&collected.unwrap().to_bytes()[..], b"first then more");
+        });
     }
 }

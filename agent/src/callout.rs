@@ -572,7 +572,7 @@ pub async fn run_grpc_stream(
             headers.append(name, value);
         }
     }
-    let (sender, body) = crate::body::ChannelBody::new(Vec::new(), true);
+    let (sender, body) = crate::body::ChannelBody::new(Bytes::new(), None, true);
     let Some(sender) = sender else { return };
     let mut outgoing = Request::new(body);
     *outgoing.version_mut() = Version::HTTP_2;

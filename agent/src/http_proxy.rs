@@ -5,7 +5,6 @@
 
 use std::borrow::Cow;
 use std::cell::RefCell;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -14,8 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
@@ -38,8 +36,9 @@ use crate::metrics::{Metrics, PluginLabels, RequestLabels};
 use crate::tls::TlsInfo;
 use crate::upstream::{LocalExec, UpstreamError, Upstreams};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
+/// The body of a response to the client: what the filter chain let
+/// through, a local reply, or the upstream's body as it comes.
+pub type ProxyBody = ChannelBody;
 
 /// How long a client may take to send a request's headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -411,16 +410,12 @@ impl Piece {
         }
     }
 
-    fn into_frames(self) -> Vec<Frame<Bytes>> {
+    /// The data and the trailers, if any.
+    fn into_parts(self) -> (Bytes, Option<http::HeaderMap>) {
         match self {
-            Piece::Data(data, _) => vec![Frame::data(Bytes::from(data))],
-            Piece::Trailers(data, trailers) => {
-                vec![Frame::data(Bytes::from(data)), Frame::trailers(trailers)]
-            }
+            Piece::Data(data, _) => (Bytes::from(data), None),
+            Piece::Trailers(data, trailers) => (Bytes::from(data), Some(trailers)),
         }
-        .into_iter()
-        .filter(|f| f.data_ref().is_none_or(|d| !d.is_empty()))
-        .collect()
     }
 }
 
@@ -773,17 +768,14 @@ impl Exchange {
             match piece {
                 Ok(piece) => {
                     let complete = piece.complete();
-                    for frame in piece.into_frames() {
-                        let sent = match frame.into_data() {
-                            Ok(data) => sender.data(data).await,
-                            Err(frame) => match frame.into_trailers() {
-                                Ok(trailers) => sender.trailers(trailers).await,
-                                Err(_) => true,
-                            },
-                        };
-                        if !sent {
-                            return;
-                        }
+                    let (data, trailers) = piece.into_parts();
+                    if !sender.data(data).await {
+                        return;
+                    }
+                    if let Some(trailers) = trailers
+                        && !sender.trailers(trailers).await
+                    {
+                        return;
                     }
                     if complete {
                         return;
@@ -815,14 +807,14 @@ impl Exchange {
     }
 
     /// Reads `source` up to the first piece the chain lets through and
-    /// returns the frames to send right away, whether more follow, and the
-    /// content-length fix for the headers.
+    /// returns the body that starts with it, the sender for the rest (if
+    /// more follows), and the content-length fix for the headers.
     async fn first_piece(
         &self,
         dir: Direction,
         source: &mut Source,
         ended: &mut bool,
-    ) -> Result<(Vec<Frame<Bytes>>, bool, LengthFix), Stop> {
+    ) -> Result<(Option<BodySender>, ChannelBody, LengthFix), Stop> {
         let mut consumed = 0;
         let piece = self.next_piece(dir, source, ended, &mut consumed).await?;
         let complete = piece.complete();
@@ -844,7 +836,9 @@ impl Exchange {
         } else {
             LengthFix::Keep
         };
-        Ok((piece.into_frames(), !complete, fix))
+        let (data, trailers) = piece.into_parts();
+        let (sender, body) = ChannelBody::new(data, trailers, !complete);
+        Ok((sender, body, fix))
     }
 }
 
@@ -1033,8 +1027,7 @@ async fn request_phase(
         *ended = true;
         return Ok((LengthFix::Keep, ChannelBody::direct(body)));
     }
-    let (frames, more, fix) = ex.first_piece(Direction::Request, source, ended).await?;
-    let (sender, body) = ChannelBody::new(frames, more);
+    let (sender, body, fix) = ex.first_piece(Direction::Request, source, ended).await?;
     if let Some(sender) = sender {
         let source = std::mem::replace(source, Source::local(None));
         let pump =
@@ -1085,10 +1078,9 @@ async fn response_phase(
     if ex.chain.borrow().is_empty()
         && let Some(body) = source.take_peer()
     {
-        let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync();
-        return Ok(respond(&LengthFix::Keep, body));
+        return Ok(respond(&LengthFix::Keep, ChannelBody::direct(body)));
     }
-    let (frames, more, fix) = match ex
+    let (sender, body, fix) = match ex
         .first_piece(Direction::Response, &mut source, &mut ended)
         .await
     {
@@ -1107,7 +1099,6 @@ async fn response_phase(
             ));
         }
     };
-    let (sender, body) = ChannelBody::new(frames, more);
     if let Some(sender) = sender {
         let ex = ex.clone();
         tokio::task::spawn_local(async move {
@@ -1117,10 +1108,7 @@ async fn response_phase(
             abort_request_pump(&ex);
         });
     }
-    Ok(respond(
-        &fix,
-        body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync(),
-    ))
+    Ok(respond(&fix, body))
 }
 
 /// Envoy's answer when the plugins buffered more of a response than allowed.
@@ -1129,9 +1117,7 @@ fn response_too_large() -> LocalResponse {
 }
 
 fn full_body(data: Bytes) -> ProxyBody {
-    Full::new(data)
-        .map_err(|never: Infallible| match never {})
-        .boxed_unsync()
+    ChannelBody::full(data)
 }
 
 /// Envoy's 503 reply, with the reason, for a request the upstream did not
