@@ -1054,7 +1054,7 @@ async fn response_phase(
         Ok(build_response(
             status,
             &response_header_map(status, &headers),
-            full_body(body),
+            ChannelBody::full(body),
         ))
     };
     match ex.headers(Direction::Response, ended).await {
@@ -1073,7 +1073,7 @@ async fn response_phase(
         )
     };
     if ended {
-        return Ok(respond(&LengthFix::Keep, full_body(Bytes::new())));
+        return Ok(respond(&LengthFix::Keep, ChannelBody::empty()));
     }
     if ex.chain.borrow().is_empty()
         && let Some(body) = source.take_peer()
@@ -1114,10 +1114,6 @@ async fn response_phase(
 /// Envoy's answer when the plugins buffered more of a response than allowed.
 fn response_too_large() -> LocalResponse {
     local_reply(500, "response_payload_too_large", "Internal Server Error")
-}
-
-fn full_body(data: Bytes) -> ProxyBody {
-    ChannelBody::full(data)
 }
 
 /// Envoy's 503 reply, with the reason, for a request the upstream did not

@@ -40,6 +40,13 @@ pub enum UpstreamError {
     Request(String),
 }
 
+impl UpstreamError {
+    /// A request that failed on an open connection, with the error's causes.
+    fn request(error: &dyn std::error::Error) -> UpstreamError {
+        UpstreamError::Request(error_chain(error))
+    }
+}
+
 /// Runs connection tasks on the worker's own thread (our futures are not
 /// `Send`); hyper's HTTP/2 needs an executor.
 #[derive(Clone, Copy, Default)]
@@ -180,7 +187,7 @@ where
                 Either::Left(async move {
                     response
                         .await
-                        .map_err(|error| UpstreamError::Request(error_chain(&error)))
+                        .map_err(|error| UpstreamError::request(&error))
                 })
             }
             // Boxed: connecting is rare (see `Http1Pool::send`).
@@ -189,7 +196,7 @@ where
                 sender
                     .send_request(request)
                     .await
-                    .map_err(|error| UpstreamError::Request(error_chain(&error)))
+                    .map_err(|error| UpstreamError::request(&error))
             })),
         })
     }

@@ -92,7 +92,7 @@ where
                         // hands the request back unsent: once more on a new
                         // one.
                         Some(unsent) => unsent,
-                        None => return Err(UpstreamError::Request(error_chain(error.error()))),
+                        None => return Err(UpstreamError::request(error.error())),
                     },
                 },
                 Attempt::Fresh(request) => request,
@@ -114,7 +114,7 @@ where
                 self.put_back(destination, sender);
                 Ok(response)
             }
-            Err(error) => Err(UpstreamError::Request(error_chain(error.error()))),
+            Err(error) => Err(UpstreamError::request(error.error())),
         }
     }
 
