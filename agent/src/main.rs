@@ -216,12 +216,30 @@ const EXIT_CONFIG: u8 = 78;
 /// `sysexits.h` EX_USAGE: the command line is wrong.
 const EXIT_USAGE: u8 = 64;
 
+/// The log filter: `WISP_LOG` (default `info`). rustls warns at every
+/// handshake whose client sends an IP address as SNI, which OpenSSL-based
+/// clients (wrk, h2load, many HTTP libraries) do; it is harmless and would
+/// flood the log, so rustls's handshake parser logs only errors unless
+/// `WISP_LOG` names rustls itself.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let spec = std::env::var("WISP_LOG").unwrap_or_default();
+    let spec = if spec.trim().is_empty() {
+        "info"
+    } else {
+        &spec
+    };
+    let spec = if spec.contains("rustls") {
+        spec.to_owned()
+    } else {
+        format!("{spec},rustls::msgs::handshake=error")
+    };
+    tracing_subscriber::EnvFilter::try_new(spec)
+        .unwrap_or_else(|_| "info,rustls::msgs::handshake=error".into())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WISP_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(log_filter())
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
