@@ -1,11 +1,11 @@
 //! `cargo xtask bench proxy`: wisp against Envoy 1.40 on the same machine,
 //! with the same upstream (nginx), the same load generator (wrk) and the same
-//! Proxy-Wasm filter (the header test filter), with one and two workers.
-//! Reports requests per second, p50/p99 latency, proxy CPU per request and
+//! Proxy-Wasm filter (the header test filter), with one and two workers;
+//! wisp both as the plain release build and as the PGO build. Reports requests per second, p50/p99 latency, proxy CPU per request and
 //! proxy RSS, and the wisp/Envoy ratios, in docs/benchmarks.md.
 //!
 //! A shared machine's speed drifts over minutes, so each worker count runs
-//! both proxies side by side and measures them in alternation for several
+//! the proxies side by side and measures them in alternation for several
 //! rounds; the table shows the median of each column.
 
 use std::net::SocketAddr;
@@ -25,12 +25,16 @@ const ENVOY: u16 = 18801;
 const ENVOY_ADMIN: u16 = 18891;
 const WISP: u16 = 18802;
 const WISP_ADMIN: u16 = 18892;
+const WISP_PGO: u16 = 18803;
+const WISP_PGO_ADMIN: u16 = 18893;
 const FILTER_CONFIG: &str = r#"{"header_value": "bench"}"#;
 
 pub struct Options {
     pub seconds: u64,
     pub connections: usize,
     pub rounds: usize,
+    /// Also measure the PGO build (`cargo xtask build-pgo`).
+    pub pgo: bool,
 }
 
 /// One measurement of one setup.
@@ -59,6 +63,11 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     step("building wisp in release mode");
     run_cmd(cargo().args(["build", "--release", "--package", "wisp"]))?;
     let wisp = crate::workspace_root().join("target/release/wisp");
+    let wisp_pgo = if options.pgo {
+        Some(crate::pgo::build()?)
+    } else {
+        None
+    };
     let filter = wisp_testbed::artifacts::header_filter_wasm()?;
     let envoy = envoy_bin()?;
 
@@ -125,7 +134,17 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             },
             None,
         )?;
-        let agent = start_wisp(&wisp, &filter, workers)?;
+        let agent = start_wisp(&wisp, &filter, workers, WISP, WISP_ADMIN)?;
+        let agent_pgo = match &wisp_pgo {
+            Some(binary) => Some(start_wisp(
+                binary,
+                &filter,
+                workers,
+                WISP_PGO,
+                WISP_PGO_ADMIN,
+            )?),
+            None => None,
+        };
         // Idle: both started, nothing sent yet.
         std::thread::sleep(Duration::from_millis(500));
         let mut envoy_row = Row {
@@ -138,14 +157,23 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             samples: Vec::new(),
             idle_rss_mib: rss_mib(agent.pid()),
         };
+        let mut pgo_row = agent_pgo.as_ref().map(|agent| Row {
+            setup: format!("wisp PGO, {workers} worker(s)"),
+            samples: Vec::new(),
+            idle_rss_mib: rss_mib(agent.pid()),
+        });
         for _ in 0..options.rounds {
             envoy_row.samples.push(measure(ENVOY, Some(envoy.pid()))?);
             wisp_row.samples.push(measure(WISP, Some(agent.pid()))?);
+            if let (Some(row), Some(agent)) = (&mut pgo_row, &agent_pgo) {
+                row.samples.push(measure(WISP_PGO, Some(agent.pid()))?);
+            }
         }
-        print_row(&envoy_row);
-        print_row(&wisp_row);
-        rows.push(envoy_row);
-        rows.push(wisp_row);
+        let mut measured = vec![envoy_row, wisp_row];
+        measured.extend(pgo_row);
+        measured.iter().for_each(print_row);
+        rows.extend(measured);
+        drop(agent_pgo);
         drop(agent);
         drop(envoy);
     }
@@ -160,14 +188,20 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn start_wisp(wisp: &Path, filter: &Path, workers: usize) -> anyhow::Result<Agent> {
+fn start_wisp(
+    wisp: &Path,
+    filter: &Path,
+    workers: usize,
+    port: u16,
+    admin: u16,
+) -> anyhow::Result<Agent> {
     let args: Vec<String> = [
         "--listen",
-        &addr(WISP).to_string(),
+        &addr(port).to_string(),
         "--upstream",
         &addr(NGINX).to_string(),
         "--admin",
-        &addr(WISP_ADMIN).to_string(),
+        &addr(admin).to_string(),
         "--workers",
         &workers.to_string(),
         "--protocol",
@@ -180,7 +214,7 @@ fn start_wisp(wisp: &Path, filter: &Path, workers: usize) -> anyhow::Result<Agen
     .iter()
     .map(|s| s.to_string())
     .collect();
-    Ok(Agent::start_proxy_quiet(wisp, &args, addr(WISP_ADMIN))?)
+    Ok(Agent::start_proxy_quiet(wisp, &args, addr(admin))?)
 }
 
 /// The median of what `value` gives for each sample (`None` if none do).
@@ -264,7 +298,9 @@ fn table(rows: &[Row], options: &Options) -> String {
          Upstream nginx (1 worker, fixed 17-byte body) on loopback; load from wrk (1 thread, {} connections, \
          {} s after a 2 s warm-up); both proxies run the header test filter (`tests/filters/header-filter`, \
          adds a response header) — Envoy 1.40 on V8, wisp on Wasmtime — in quick mode over HTTP/1.1, both logging at warn. \
-         For each worker count both proxies run side by side and are measured in alternation, {} rounds; \
+         *wisp PGO* is the same code built by `cargo xtask build-pgo` (profile-guided optimisation, trained on \
+         HTTP/1.1, HTTP/2, TLS and TCP traffic through the same filter; see docs/pgo.md). \
+         For each worker count the proxies run side by side and are measured in alternation, {} rounds; \
          each cell is the median of the rounds (errors: their sum). CPU is the proxy's user + system time per request, \
          and *kernel* the system part of it: the socket calls, which over loopback also run the receiving side's \
          TCP stack. Both proxies send and receive the same per request (Envoy also reads each socket once more \
@@ -297,21 +333,23 @@ fn table(rows: &[Row], options: &Options) -> String {
         ));
     }
     md.push_str(
-        "\n| Workers | wisp/Envoy req/s | wisp/Envoy p99 | wisp/Envoy CPU per request | wisp/Envoy user CPU per request | wisp/Envoy idle RSS |\n\
-         |---|---:|---:|---:|---:|---:|\n",
+        "\n| Workers | Build | wisp/Envoy req/s | wisp/Envoy p99 | wisp/Envoy CPU per request | wisp/Envoy user CPU per request | wisp/Envoy idle RSS |\n\
+         |---|---|---:|---:|---:|---:|---:|\n",
     );
     for workers in [1, 2] {
         let find = |name: &str| {
             rows.iter()
                 .find(|r| r.setup == format!("{name}, {workers} worker(s)"))
         };
-        if let (Some(envoy), Some(wisp)) = (find("Envoy"), find("wisp")) {
+        let Some(envoy) = find("Envoy") else { continue };
+        for (name, build) in [("wisp", "release"), ("wisp PGO", "release + PGO")] {
+            let Some(wisp) = find(name) else { continue };
             let ratio = |w: Option<f64>, e: Option<f64>| match (w, e) {
                 (Some(w), Some(e)) if e > 0.0 => format!("{:.2}", w / e),
                 _ => "–".into(),
             };
             md.push_str(&format!(
-                "| {workers} | {:.2} | {:.2} | {} | {} | {} |\n",
+                "| {workers} | {build} | {:.2} | {:.2} | {} | {} | {} |\n",
                 wisp.requests_per_second() / envoy.requests_per_second(),
                 wisp.p99_ms() / envoy.p99_ms(),
                 ratio(wisp.cpu_us_per_request(), envoy.cpu_us_per_request()),

@@ -4,6 +4,7 @@
 //!   everything is there); run automatically by the commands below.
 //! * `build-ebpf`, `build-filters`, `build`: build the kernel programs, the
 //!   Proxy-Wasm test filters, and the agent with its test tools.
+//! * `build-pgo`: the agent built with profile-guided optimisation.
 //! * `demo`: a simulated node on this machine, traffic through the agent.
 //! * `test`: formatting, lints, unit and integration tests (as root).
 
@@ -15,6 +16,7 @@ mod compare;
 mod demo;
 mod manifests;
 mod manifests_check;
+mod pgo;
 mod report;
 mod setup;
 mod test;
@@ -38,6 +40,9 @@ enum Command {
     BuildFilters,
     /// Build everything: eBPF, filters, the `wisp` agent and test tools.
     Build,
+    /// Build `wisp` with profile-guided optimisation into target/pgo/wisp
+    /// (instrumented build, a training run on loopback, optimised build).
+    BuildPgo,
     /// Run wisp on a simulated two-pod node on this machine (needs root).
     Demo,
     /// fmt, clippy, unit and integration tests (needs root).
@@ -95,6 +100,9 @@ enum Bench {
         /// Measurements per setup, interleaved; the table shows each median.
         #[arg(long, default_value_t = 3)]
         rounds: usize,
+        /// Measure only the plain release build, not also the PGO build.
+        #[arg(long)]
+        no_pgo: bool,
     },
     /// The Proxy-Wasm host's criterion benchmarks: per-request cost, instantiation, memory.
     Wasm,
@@ -114,6 +122,7 @@ fn main() -> std::process::ExitCode {
         Command::BuildEbpf => setup::run(setup::Mode::Quiet).and_then(|()| build::ebpf()),
         Command::BuildFilters => setup::run(setup::Mode::Quiet).and_then(|()| build::filters()),
         Command::Build => setup::run(setup::Mode::Quiet).and_then(|()| build::all()),
+        Command::BuildPgo => pgo::build().map(drop),
         Command::Demo => demo::run(),
         Command::Test => test::run(),
         Command::Manifests { check } => manifests::run(check),
@@ -144,11 +153,13 @@ fn main() -> std::process::ExitCode {
                     seconds,
                     connections,
                     rounds,
+                    no_pgo,
                 },
         } => bench_proxy::run(bench_proxy::Options {
             seconds,
             connections,
             rounds,
+            pgo: !no_pgo,
         }),
         Command::Bench {
             what: Bench::Redirect { connects },

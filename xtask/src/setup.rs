@@ -22,6 +22,8 @@ const SYSTEM_TOOLS: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("nginx", "nginx-light"),
     ("wrk", "wrk"),
+    // HTTP/2 load (h2c and h2 over TLS) for the PGO training run.
+    ("h2load", "nghttp2-client"),
     // A real OCI registry for the module-pull tests.
     ("docker-registry", "docker-registry"),
 ];
@@ -151,6 +153,37 @@ fn rust_sysroot() -> anyhow::Result<PathBuf> {
         .context("running `rustc --print sysroot` (is Rust installed with rustup?)")?;
     anyhow::ensure!(out.status.success(), "`rustc --print sysroot` failed");
     Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+/// The toolchain's own `llvm-profdata` (rustup component `llvm-tools`),
+/// installed on first use: profiles must be merged by the LLVM that rustc
+/// is built with, so the distribution's older one cannot read them.
+pub fn llvm_profdata() -> anyhow::Result<PathBuf> {
+    let sysroot = rust_sysroot()?;
+    let host = host_triple()?;
+    let tool = sysroot.join(format!("lib/rustlib/{host}/bin/llvm-profdata"));
+    if !tool.is_file() {
+        crate::step("setup: installing the llvm-tools component (llvm-profdata, for PGO builds)");
+        rustup(&["component", "add", "llvm-tools"])?;
+    }
+    anyhow::ensure!(
+        tool.is_file(),
+        "{} is missing after `rustup component add llvm-tools`",
+        tool.display()
+    );
+    Ok(tool)
+}
+
+/// The host's target triple, as rustc names it.
+pub fn host_triple() -> anyhow::Result<String> {
+    let out = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running `rustc -vV`")?;
+    String::from_utf8(out.stdout)?
+        .lines()
+        .find_map(|line| line.strip_prefix("host: ").map(str::to_owned))
+        .context("`rustc -vV` printed no host triple")
 }
 
 fn rustup(args: &[&str]) -> anyhow::Result<()> {
