@@ -188,3 +188,47 @@ fn originates_mtls_to_an_upstream_that_requires_it() {
     assert_eq!(refused.status, 503, "{refused:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn clients_that_send_an_ip_address_as_sni_do_not_flood_the_log() {
+    // wrk (OpenSSL) sends the URL's host as SNI even when it is an IP
+    // address, which the TLS RFCs forbid and rustls ignores; many clients
+    // do the same, so the agent must not log a warning for each handshake.
+    let dir = fresh_dir().unwrap();
+    let pki = TestPki::generate(&dir).unwrap();
+    let _echo = echo(17781);
+    let p = |path: &std::path::Path| path.to_str().unwrap().to_owned();
+    let agent = wisp_proxy(
+        &[
+            "--listen",
+            "127.0.0.1:17702",
+            "--upstream",
+            "127.0.0.1:17781",
+            "--tls-cert",
+            &p(&pki.server_cert),
+            "--tls-key",
+            &p(&pki.server_key),
+        ],
+        17792,
+    );
+    // Four connections, each with its own handshake.
+    let result = wisp_testbed::load::wrk("https://127.0.0.1:17702/", 1, 4, 1, &[]).unwrap();
+    assert!(result.requests > 0, "{result:?}");
+    assert_eq!(result.errors, 0, "{result:?}");
+    let metrics = agent.metrics().unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "wisp_downstream_connections_total",
+            &[("protocol", "https")]
+        ),
+        4.0,
+        "{metrics}"
+    );
+    let log = agent.log();
+    assert!(
+        !log.contains("Illegal SNI"),
+        "a warning per handshake in the agent's log:\n{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
