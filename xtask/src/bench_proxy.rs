@@ -1,8 +1,9 @@
 //! `cargo xtask bench proxy`: wisp against Envoy 1.40 on the same machine,
 //! with the same upstream (nginx), the same load generator (wrk) and the same
 //! Proxy-Wasm filter (the header test filter), with one and two workers;
-//! wisp both as the plain release build and as the PGO build. Reports requests per second, p50/p99 latency, proxy CPU per request and
-//! proxy RSS, and the wisp/Envoy ratios, in docs/benchmarks.md.
+//! wisp both as the plain release build and as the PGO build. Reports
+//! requests per second, p50/p99 latency, proxy CPU per request and proxy
+//! RSS, and the wisp/Envoy ratios, in docs/benchmarks.md.
 //!
 //! A shared machine's speed drifts over minutes, so each worker count runs
 //! the proxies side by side and measures them in alternation for several
@@ -64,7 +65,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     run_cmd(cargo().args(["build", "--release", "--package", "wisp"]))?;
     let wisp = crate::workspace_root().join("target/release/wisp");
     let wisp_pgo = if options.pgo {
-        Some(crate::pgo::build()?)
+        Some(crate::pgo::build_prepared()?)
     } else {
         None
     };
@@ -135,16 +136,10 @@ pub fn run(options: Options) -> anyhow::Result<()> {
             None,
         )?;
         let agent = start_wisp(&wisp, &filter, workers, WISP, WISP_ADMIN)?;
-        let agent_pgo = match &wisp_pgo {
-            Some(binary) => Some(start_wisp(
-                binary,
-                &filter,
-                workers,
-                WISP_PGO,
-                WISP_PGO_ADMIN,
-            )?),
-            None => None,
-        };
+        let agent_pgo = wisp_pgo
+            .as_ref()
+            .map(|binary| start_wisp(binary, &filter, workers, WISP_PGO, WISP_PGO_ADMIN))
+            .transpose()?;
         // Idle: both started, nothing sent yet.
         std::thread::sleep(Duration::from_millis(500));
         let mut envoy_row = Row {

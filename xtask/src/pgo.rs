@@ -14,9 +14,8 @@
 //!
 //! rustc lists the `-Cprofile-use` file in its dep-info, so cargo rebuilds
 //! every crate when a new profile is written. The profile is reused while
-//! the instrumented binary is older than it, so
-//! a second run with unchanged sources only checks that both builds are
-//! fresh. Both builds pass `--target` explicitly so the flags reach wisp and
+//! the instrumented binary is older than it, so a second run with unchanged
+//! sources only checks that both builds are fresh. Both builds pass `--target` explicitly so the flags reach wisp and
 //! its dependencies but not the build scripts and proc macros, which would
 //! otherwise write profiles of the compiler's own helpers.
 
@@ -124,11 +123,16 @@ const SCENARIOS: &[Scenario] = &[
 /// (`target/pgo/wisp`).
 pub fn build() -> anyhow::Result<PathBuf> {
     setup::run(setup::Mode::Quiet)?;
-    let profdata_tool = setup::llvm_profdata()?;
-    let host = setup::host_triple()?;
     // The training run needs the filters and wisp-echo; wisp's build embeds
     // the eBPF object.
     build::all()?;
+    build_prepared()
+}
+
+/// [`build`] for a caller that has already run setup and `build::all`.
+pub fn build_prepared() -> anyhow::Result<PathBuf> {
+    let profdata_tool = setup::llvm_profdata()?;
+    let host = setup::host_triple()?;
 
     let root = crate::workspace_root().join("target/pgo");
     let raw_dir = root.join("profiles");
